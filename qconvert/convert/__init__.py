@@ -1,0 +1,244 @@
+"""Conversion: plan from headers, then stream tensor by tensor into an atomic output folder.
+
+``BACKENDS`` is the explicit registry: name -> "module:Class", imported only when used so
+that ``qconvert --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import __version__, flux
+from ..errors import CorruptCheckpoint, UsageError
+from ..output import atomic_folder, check_disk_space, check_output, copy_file, copy_tree, sha256_of, write_json
+from ..plan import ComponentPlan, Plan
+from ..sources import Source, TensorReader
+
+BACKENDS: dict[str, str] = {
+    "torchao": "qconvert.convert.torchao:TorchAOBackend",
+    "bnb": "qconvert.convert.bnb:BitsAndBytesBackend",
+    "gguf": "qconvert.convert.gguf:GGUFBackend",
+}
+
+# Scheme names per backend without importing the backend module (for --help and errors).
+SCHEMES: dict[str, tuple[str, ...]] = {
+    "torchao": ("int8wo", "fp8wo", "int8dq", "int4wo"),
+    "bnb": ("nf4", "nf4-dq", "fp4", "fp4-dq", "int8"),
+    "gguf": (
+        "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S",
+        "Q4_1", "Q4_0", "Q3_K_M", "Q3_K_S", "Q2_K",
+    ),
+}  # fmt: skip
+
+MANIFEST_NAME = "qconvert.json"
+MANIFEST_FORMAT = 1
+
+
+def backend_class(name: str) -> type:
+    if name not in BACKENDS:
+        raise UsageError(f"unknown backend {name!r}", hint=f"choose one of: {', '.join(BACKENDS)}")
+    module, cls = BACKENDS[name].split(":")
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("qconvert"):
+            raise UsageError(f"backend {name!r} is not available in this qconvert version") from None
+        raise
+    return getattr(mod, cls)
+
+
+def get_backend(name: str, scheme: str, **options: Any) -> Any:
+    return backend_class(name)(scheme, **options)
+
+
+def parse_components(text: str | None) -> tuple[str, ...]:
+    if not text:
+        return flux.QUANTIZABLE
+    names = tuple(dict.fromkeys(c.strip() for c in text.split(",") if c.strip()))
+    bad = [c for c in names if c not in flux.QUANTIZABLE]
+    if bad or not names:
+        raise UsageError(
+            f"cannot quantize component {bad[0] if bad else text!r}",
+            hint=f"--components takes a comma list of: {', '.join(flux.QUANTIZABLE)}",
+        )
+    return names
+
+
+def make_plan(source: Source, backend: Any, components: tuple[str, ...]) -> tuple[Plan, dict[str, Any]]:
+    """Plan every component from headers alone. Returns the plan and per-component facts."""
+    from .base import model_facts
+
+    comp_plans: list[ComponentPlan] = []
+    facts: dict[str, Any] = {}
+    for name in flux.PIPELINE_COMPONENTS:
+        comp = source.components[name]
+        if name in components and name in backend.supported_components:
+            facts[name] = model_facts(comp)
+            comp_plans.append(backend.plan_component(comp, facts[name]))
+        else:
+            if comp.folder is None:
+                raise UsageError(
+                    f"the {name} of a single-file source must be converted",
+                    hint=f"include {name} in --components",
+                )
+            size = sum(p.stat().st_size for p in comp.folder.rglob("*") if p.is_file())
+            comp_plans.append(ComponentPlan(name, "copy", None, [], size, size))
+    plan = Plan(backend.name, backend.scheme, source.identity, comp_plans, layout=backend.layout)
+    return plan, facts
+
+
+@dataclass
+class ConvertResult:
+    out: Path
+    plan: Plan
+    manifest: dict[str, Any]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def library_versions(*extra: str) -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version(), "qconvert": __version__}
+    for pkg in ("torch", "diffusers", "transformers", "huggingface_hub", "safetensors", *extra):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return dict(sorted(out.items()))
+
+
+def _check_finite(name: str, tensor: Any) -> None:
+    import torch
+
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise CorruptCheckpoint(
+            f"tensor {name} contains NaN or Inf values", hint="the source checkpoint is damaged; re-download it"
+        )
+
+
+def convert(
+    source: Source,
+    backend_name: str,
+    scheme: str,
+    out: Path | str,
+    *,
+    components: tuple[str, ...] = flux.QUANTIZABLE,
+    overwrite: bool = False,
+    progress: bool = True,
+    options: dict[str, Any] | None = None,
+) -> ConvertResult:
+    """Convert ``source`` with one backend/scheme into the folder ``out`` (atomically)."""
+    options = dict(options or {})
+    backend = get_backend(backend_name, scheme, **options)
+    backend.check_environment()
+    out = Path(out)
+    check_output(out.absolute(), overwrite=overwrite)
+    plan, facts = make_plan(source, backend, components)
+    check_disk_space(out.absolute(), plan.bytes_out)
+
+    from tqdm.auto import tqdm
+
+    total = sum(c.bytes_in for c in plan.components if c.action == "quantize")
+    seconds: dict[str, float] = {}
+    with atomic_folder(out, overwrite=overwrite) as tmp:
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not progress, leave=False)
+        with TensorReader() as reader:
+            written = backend.write_output(
+                source, plan, facts, tmp, reader, bar.update, _check_finite, seconds
+            ) if hasattr(backend, "write_output") else _write_pipeline(
+                source, plan, facts, backend, tmp, reader, bar.update, seconds
+            )
+        bar.close()
+        manifest = build_manifest(source, plan, backend, tmp, written, components, options)
+        write_json(tmp / MANIFEST_NAME, manifest)
+    return ConvertResult(out, plan, manifest, seconds)
+
+
+def _write_pipeline(
+    source: Source,
+    plan: Plan,
+    facts: dict[str, Any],
+    backend: Any,
+    tmp: Path,
+    reader: TensorReader,
+    progress: Any,
+    seconds: dict[str, float],
+) -> dict[str, list[Path]]:
+    written: dict[str, list[Path]] = {}
+    for cp in plan.components:
+        t0 = time.perf_counter()
+        comp = source.components[cp.name]
+        if cp.action == "copy":
+            assert comp.folder is not None
+            written[cp.name] = copy_tree(comp.folder, tmp / cp.name)
+        else:
+            written[cp.name] = backend.write_component(
+                comp, cp, facts[cp.name], tmp, reader, progress, _check_finite
+            )
+        seconds[cp.name] = time.perf_counter() - t0
+    copy_file(source.root / "model_index.json", tmp / "model_index.json")
+    written["_root"] = [tmp / "model_index.json"]
+    written["_root"] += copy_license_files(source.root, tmp)
+    return written
+
+
+def copy_license_files(src_root: Path, dst: Path) -> list[Path]:
+    out = []
+    for p in sorted(src_root.glob("LICENSE*")):
+        if p.is_file():
+            copy_file(p, dst / p.name)
+            out.append(dst / p.name)
+    return out
+
+
+def build_manifest(
+    source: Source,
+    plan: Plan,
+    backend: Any,
+    root: Path,
+    written: dict[str, list[Path]],
+    components: tuple[str, ...],
+    options: dict[str, Any],
+) -> dict[str, Any]:
+    comps: dict[str, Any] = {}
+    for cp in plan.components:
+        files = written.get(cp.name, [])
+        entries = {
+            p.relative_to(root).as_posix(): {"size": p.stat().st_size, "sha256": sha256_of(p)}
+            for p in sorted(files)
+        }
+        comps[cp.name] = {
+            "action": cp.action,
+            "scheme": cp.scheme,
+            "tensors": len(cp.tensors),
+            "quantized_tensors": cp.quantized_count,
+            "bytes_in": cp.bytes_in,
+            "bytes_out": sum(e["size"] for e in entries.values()),
+            "files": entries,
+        }
+    other = {
+        p.relative_to(root).as_posix(): {"size": p.stat().st_size, "sha256": sha256_of(p)}
+        for p in sorted(written.get("_root", []))
+    }
+    opts = {k: v for k, v in sorted(options.items()) if v is not None}
+    opts["components"] = list(components)
+    return {
+        "format": MANIFEST_FORMAT,
+        "tool": "qconvert",
+        "qconvert_version": __version__,
+        "source": source.identity,
+        "backend": plan.backend,
+        "scheme": plan.scheme,
+        "layout": plan.layout,
+        "options": opts,
+        "components": comps,
+        "files": other,
+        "bytes_in": plan.bytes_in,
+        "bytes_out": sum(c["bytes_out"] for c in comps.values()) + sum(e["size"] for e in other.values()),
+        "versions": library_versions(backend.package) if backend.package else library_versions(),
+    }

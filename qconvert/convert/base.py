@@ -1,0 +1,195 @@
+"""The backend base class: a small set of defaulted hooks.
+
+A backend knows how to turn one source tensor (and its name) into output tensors, and how
+to describe itself in config.json. Reading sources, planning, streaming, sharding, manifests
+and atomic output belong to the shared layer (:mod:`qconvert.convert`), so a new backend is
+one module: subclass :class:`Backend`, fill ``schemes``, override :meth:`policy`,
+:meth:`encode` and :meth:`quantization_config`, and add it to ``BACKENDS``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..errors import MissingDependency, UsageError
+from ..plan import CAST, KEEP, QUANTIZE, ComponentPlan, Policy, Rule, TensorPlan
+from ..sources import DTYPE_SIZES, Component, SourceTensor, TensorReader
+from .writers import ShardedSafetensorsWriter, parse_size
+
+# diffusers' and transformers' save_pretrained defaults.
+DIFFUSERS_SHARD = "10GB"
+TRANSFORMERS_SHARD = "50GB"
+
+
+@dataclass
+class ModelFacts:
+    """What a component's model class says about its weights (from a meta-device build)."""
+
+    linear_weights: set[str] = field(default_factory=set)
+    keep_in_fp32_modules: tuple[str, ...] = ()
+
+
+def model_facts(comp: Component) -> ModelFacts:
+    """Build the component's model on the meta device and list its nn.Linear weights."""
+    import torch
+    from accelerate import init_empty_weights
+
+    if comp.library == "diffusers":
+        import diffusers
+
+        cls = getattr(diffusers, comp.class_name)
+        with init_empty_weights():
+            model = cls.from_config(comp.config)
+    else:
+        import transformers
+
+        cls = getattr(transformers, comp.class_name)
+        cfg = cls.config_class.from_dict(comp.config)
+        with init_empty_weights():
+            model = cls(cfg)
+    linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    keep = tuple(getattr(cls, "_keep_in_fp32_modules", None) or ())
+    return ModelFacts(linear, keep)
+
+
+ProgressFn = Callable[[int], None]
+
+
+class Backend:
+    name: ClassVar[str] = ""
+    package: ClassVar[str] = ""  # import name that must be present
+    extra: ClassVar[str] = ""  # pip extra that installs it
+    schemes: ClassVar[dict[str, str]] = {}  # scheme -> one-line description
+    layout: ClassVar[str] = "pipeline"  # "pipeline" folder or "gguf" files
+    supported_components: ClassVar[tuple[str, ...]] = ("transformer", "text_encoder_2")
+
+    def __init__(self, scheme: str, **options: Any) -> None:
+        if scheme not in self.schemes:
+            raise UsageError(
+                f"unknown {self.name} scheme {scheme!r}",
+                hint=f"choose one of: {', '.join(self.schemes)}",
+            )
+        self.scheme = scheme
+        self.options = options
+
+    # --- environment -----------------------------------------------------------------------
+
+    def check_environment(self) -> None:
+        """Raise if the backend's library (or a device the scheme needs) is missing."""
+        if self.package and importlib.util.find_spec(self.package) is None:
+            raise MissingDependency(self.package, self.extra or self.name)
+
+    # --- planning --------------------------------------------------------------------------
+
+    def policy(self, component: str, facts: ModelFacts) -> Policy:
+        """Per-tensor policy for one component. Default: quantize every Linear weight."""
+        return Policy((Rule(r"\.weight$", QUANTIZE, self.scheme, when=("linear",)),))
+
+    def estimate_bytes(self, rule: Rule, tensor: SourceTensor) -> int:
+        """Bytes the output of ``tensor`` takes under ``rule`` (exact where cheap)."""
+        if rule.action == KEEP:
+            return tensor.nbytes
+        if rule.action == CAST:
+            return tensor.numel * DTYPE_SIZES[str(rule.target)]
+        raise NotImplementedError
+
+    def plan_component(self, comp: Component, facts: ModelFacts) -> ComponentPlan:
+        policy = self.policy(comp.name, facts)
+        plans = []
+        for name in sorted(comp.tensors):
+            t = comp.tensors[name]
+            rule = policy.decide(name, t.shape, is_linear_weight=name in facts.linear_weights)
+            plans.append(
+                TensorPlan(
+                    name=name,
+                    shape=t.shape,
+                    dtype=t.dtype,
+                    action=rule.action,
+                    target=rule.target,
+                    bytes_in=t.nbytes,
+                    bytes_out=self.estimate_bytes(rule, t),
+                    out_name=self.output_name(comp.name, name),
+                )
+            )
+        cp = ComponentPlan(comp.name, "quantize", self.scheme, plans)
+        cp.bytes_in = sum(p.bytes_in for p in plans)
+        cp.bytes_out = sum(p.bytes_out for p in plans)
+        return cp
+
+    def output_name(self, component: str, name: str) -> str | None:
+        return None
+
+    # --- encoding --------------------------------------------------------------------------
+
+    def begin_component(self, comp: Component, facts: ModelFacts) -> None:
+        """Hook: called before a component's first tensor."""
+
+    def encode(self, component: str, plan: TensorPlan, tensor: Any) -> list[tuple[str, Any]]:
+        """Turn one source tensor into the output tensors that must share a shard."""
+        if plan.action == KEEP:
+            return [(plan.name, tensor)]
+        if plan.action == CAST:
+            import torch
+
+            return [(plan.name, tensor.to(getattr(torch, _TORCH_NAMES[str(plan.target)])))]
+        raise NotImplementedError(f"{self.name} cannot {plan.action} {plan.name}")
+
+    def shard_metadata(self, component: str) -> dict[str, str]:
+        """``__metadata__`` of every shard of a component (known after all tensors)."""
+        return {"format": "pt"}
+
+    def quantization_config(self, component: str) -> dict[str, Any]:
+        """The ``quantization_config`` entry of the component's config.json."""
+        raise NotImplementedError
+
+    def config_updates(self, component: str) -> dict[str, Any]:
+        """Other config.json changes besides quantization_config (default none)."""
+        return {}
+
+    # --- writing ---------------------------------------------------------------------------
+
+    def write_component(
+        self,
+        comp: Component,
+        plan: ComponentPlan,
+        facts: ModelFacts,
+        out_dir: Path,
+        reader: TensorReader,
+        progress: ProgressFn,
+        check_tensor: Callable[[str, Any], None],
+    ) -> list[Path]:
+        """Default: a diffusers/transformers component folder with safetensors shards."""
+        folder = out_dir / comp.name
+        folder.mkdir(parents=True, exist_ok=True)
+        diffusers_lib = comp.library == "diffusers"
+        base_name = "diffusion_pytorch_model" if diffusers_lib else "model"
+        shard = self.options.get("max_shard_size") or (
+            DIFFUSERS_SHARD if diffusers_lib else TRANSFORMERS_SHARD
+        )
+        writer = ShardedSafetensorsWriter(folder, base_name, parse_size(shard))
+        self.begin_component(comp, facts)
+        try:
+            for tp in plan.tensors:
+                tensor = reader.load(comp.tensors[tp.name])
+                check_tensor(tp.name, tensor)
+                writer.add_group(self.encode(comp.name, tp, tensor))
+                del tensor
+                progress(tp.bytes_in)
+            files = writer.finish(self.shard_metadata(comp.name))
+        except BaseException:
+            writer.abort()
+            raise
+        config = dict(comp.config)
+        config.update(self.config_updates(comp.name))
+        config["quantization_config"] = self.quantization_config(comp.name)
+        cfg_path = folder / "config.json"
+        cfg_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        return [cfg_path, *files]
+
+
+_TORCH_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}

@@ -1,0 +1,113 @@
+"""torchao backend: weight-only int8/fp8, dynamic int8, int4 (GPU).
+
+Streaming: each Linear weight is quantized on its own, in a bare ``nn.Linear`` holding just
+that weight, with torchao's own ``quantize_`` and config objects, then flattened with
+torchao's ``flatten_tensor_state_dict`` (the helper diffusers' own ``save_pretrained`` uses).
+The per-tensor JSON metadata it returns is merged, with a ``tensor_names`` list, into every
+shard header. The result equals, tensor for tensor, what diffusers writes after on-the-fly
+``TorchAoConfig`` quantization, and loads with a plain ``from_pretrained``.
+
+torchao checkpoints are tied to the torchao version that wrote them; the manifest and card
+record it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, ClassVar
+
+from ..errors import DeviceError
+from ..plan import QUANTIZE, Policy, Rule, TensorPlan
+from ..sources import DTYPE_SIZES, Component, SourceTensor
+from .base import Backend, ModelFacts
+
+# scheme -> torchao config class name
+_CONFIGS = {
+    "int8wo": "Int8WeightOnlyConfig",
+    "fp8wo": "Float8WeightOnlyConfig",
+    "int8dq": "Int8DynamicActivationInt8WeightConfig",
+    "int4wo": "Int4WeightOnlyConfig",
+}
+
+
+class TorchAOBackend(Backend):
+    name = "torchao"
+    package = "torchao"
+    extra = "torchao"
+    schemes: ClassVar[dict[str, str]] = {
+        "int8wo": "int8 weight-only, per-row scales (CPU and GPU)",
+        "fp8wo": "float8 e4m3 weight-only, per-row scales",
+        "int8dq": "int8 dynamic activation + int8 weight (W8A8)",
+        "int4wo": "int4 weight-only, group size 128 (GPU only)",
+    }
+
+    def __init__(self, scheme: str, **options: Any) -> None:
+        super().__init__(scheme, **options)
+        self._metadata: dict[str, str] = {}
+        self._names: list[str] = []
+
+    def check_environment(self) -> None:
+        super().check_environment()
+        if self.scheme == "int4wo":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise DeviceError(
+                    "torchao int4wo needs a CUDA GPU to quantize (its int4 packing has no CPU kernel here)",
+                    hint="run on a GPU machine, or pick int8wo/fp8wo/int8dq",
+                )
+
+    def torchao_config(self) -> Any:
+        import torchao.quantization as q
+
+        return getattr(q, _CONFIGS[self.scheme])()
+
+    def policy(self, component: str, facts: ModelFacts) -> Policy:
+        return Policy((Rule(r"\.weight$", QUANTIZE, self.scheme, when=("linear",)),))
+
+    def estimate_bytes(self, rule: Rule, tensor: SourceTensor) -> int:
+        if rule.action != QUANTIZE:
+            return super().estimate_bytes(rule, tensor)
+        out_features, in_features = tensor.shape
+        scale = out_features * DTYPE_SIZES[tensor.dtype]
+        if self.scheme == "int4wo":
+            return tensor.numel // 2 + 2 * (tensor.numel // 128) * 2
+        extra = out_features * 1 if self.scheme == "int8wo" else 0  # int8 zero points
+        return tensor.numel + scale + extra
+
+    def begin_component(self, comp: Component, facts: ModelFacts) -> None:
+        self._metadata = {}
+        self._names = []
+        self._config = self.torchao_config()
+
+    def encode(self, component: str, plan: TensorPlan, tensor: Any) -> list[tuple[str, Any]]:
+        from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+
+        self._names.append(plan.name)
+        if plan.action != QUANTIZE:
+            self._metadata[plan.name] = json.dumps({"_type": "Tensor"})
+            return super().encode(component, plan, tensor)
+        import torch
+        from torchao.quantization import quantize_
+
+        out_features, in_features = tensor.shape
+        linear = torch.nn.Linear(in_features, out_features, bias=False, device="meta")
+        linear.weight = torch.nn.Parameter(tensor, requires_grad=False)
+        if self.scheme == "int4wo":
+            linear.to("cuda")
+        quantize_(linear, self._config)
+        flat, metadata = flatten_tensor_state_dict({plan.name: linear.weight})
+        self._metadata[plan.name] = metadata[plan.name]
+        return [(k, v.cpu()) for k, v in flat.items()]
+
+    def shard_metadata(self, component: str) -> dict[str, str]:
+        meta = {"format": "pt", **self._metadata}
+        meta["tensor_names"] = json.dumps(self._names)
+        return meta
+
+    def quantization_config(self, component: str) -> dict[str, Any]:
+        if component == "transformer":
+            from diffusers import TorchAoConfig
+        else:
+            from transformers import TorchAoConfig
+        return TorchAoConfig(self.torchao_config()).to_dict()

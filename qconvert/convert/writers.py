@@ -1,0 +1,153 @@
+"""Streaming safetensors shard writer shared by the pipeline-folder backends.
+
+Tensors arrive one at a time. Their bytes go straight to a scratch data file of the current
+shard; when the shard is full (``max_shard_bytes``, checked per *group*, so a bnb weight and
+its quant_state never land in different shards) it is closed: the header is written to the
+final file followed by the scratch data, copied in 16 MB chunks. Only one tensor is ever in
+memory, and the header can carry metadata known only at the end (torchao repeats the full
+per-tensor metadata in every shard's header).
+
+File names follow diffusers/transformers: ``<base>.safetensors`` for one shard, else
+``<base>-00001-of-0000N.safetensors`` plus ``<base>.safetensors.index.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+_ST_DTYPES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+    "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
+}  # fmt: skip
+
+
+def st_dtype(torch_dtype: Any) -> str:
+    return _ST_DTYPES[str(torch_dtype).replace("torch.", "")]
+
+
+def tensor_bytes(t: Any) -> memoryview:
+    """Raw little-endian bytes of a CPU tensor, without an extra copy where possible."""
+    import torch
+
+    t = t.detach().contiguous().cpu()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.view(-1).view(torch.uint8).numpy()).cast("B")
+
+
+@dataclass
+class _Shard:
+    scratch: Path
+    fh: Any
+    entries: list[tuple[str, str, list[int], int, int]] = field(default_factory=list)
+    size: int = 0
+
+
+class ShardedSafetensorsWriter:
+    def __init__(self, folder: Path, base_name: str, max_shard_bytes: int) -> None:
+        self.folder = Path(folder)
+        self.base_name = base_name
+        self.max_shard_bytes = max_shard_bytes
+        # closed shards: scratch data file + header entries (name, dtype, shape, start, end)
+        self._closed: list[tuple[Path, list[tuple[str, str, list[int], int, int]]]] = []
+        self._current: _Shard | None = None
+        self.total_size = 0
+        self.names: set[str] = set()
+
+    def add_group(self, tensors: list[tuple[str, Any]]) -> None:
+        """Add tensors that must share a shard (e.g. a weight and its quantization state)."""
+        group_bytes = sum(t.numel() * t.element_size() for _, t in tensors)
+        cur = self._current
+        if cur is not None and cur.entries and cur.size + group_bytes > self.max_shard_bytes:
+            self._close_current()
+        if self._current is None:
+            idx = len(self._closed)
+            scratch = self.folder / f".{self.base_name}.{idx:05d}.data"
+            self._current = _Shard(scratch, open(scratch, "wb"))
+        cur = self._current
+        for name, t in tensors:
+            if name in self.names:
+                raise ValueError(f"duplicate tensor name {name}")
+            self.names.add(name)
+            data = tensor_bytes(t)
+            cur.fh.write(data)
+            n = len(data)
+            cur.entries.append((name, st_dtype(t.dtype), list(t.shape), cur.size, cur.size + n))
+            cur.size += n
+            self.total_size += n
+
+    def _close_current(self) -> None:
+        cur = self._current
+        assert cur is not None
+        cur.fh.close()
+        self._closed.append((cur.scratch, cur.entries))
+        self._current = None
+
+    def finish(self, metadata: dict[str, str] | None = None) -> list[Path]:
+        """Write the final shard files (and index); return their paths."""
+        if self._current is not None:
+            self._close_current()
+        n = len(self._closed)
+        if n == 0:
+            raise ValueError("no tensors were written")
+        files: list[Path] = []
+        weight_map: dict[str, str] = {}
+        for i, (scratch, entries) in enumerate(self._closed):
+            fname = (
+                f"{self.base_name}.safetensors"
+                if n == 1
+                else f"{self.base_name}-{i + 1:05d}-of-{n:05d}.safetensors"
+            )
+            header: dict[str, Any] = {}
+            if metadata:
+                header["__metadata__"] = dict(metadata)
+            for name, dtype, shape, start, end in entries:
+                header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [start, end]}
+                weight_map[name] = fname
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-(len(raw)) % 8)  # data starts 8-byte aligned, as safetensors does
+            final = self.folder / fname
+            with open(final, "wb") as out, open(scratch, "rb") as src:
+                out.write(struct.pack("<Q", len(raw)))
+                out.write(raw)
+                shutil.copyfileobj(src, out, 16 << 20)
+            os.unlink(scratch)
+            files.append(final)
+        if n > 1:
+            index = {
+                "metadata": {"total_size": self.total_size},
+                "weight_map": dict(sorted(weight_map.items())),
+            }
+            idx_path = self.folder / f"{self.base_name}.safetensors.index.json"
+            idx_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            files.append(idx_path)
+        return files
+
+    def abort(self) -> None:
+        if self._current is not None:
+            self._current.fh.close()
+            self._current.scratch.unlink(missing_ok=True)
+        for scratch, _ in self._closed:
+            scratch.unlink(missing_ok=True)
+
+
+def parse_size(text: str | int) -> int:
+    """'10GB' -> 10_000_000_000 (decimal units as huggingface_hub), '512MiB' -> binary."""
+    if isinstance(text, int):
+        return text
+    s = text.strip().upper()
+    units = {
+        "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40,
+        "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1,
+    }  # fmt: skip
+    for u, mult in units.items():
+        if s.endswith(u):
+            return int(float(s[: -len(u)]) * mult)
+    return int(s)

@@ -1,0 +1,131 @@
+"""Typed exceptions and the one table that turns them into CLI messages.
+
+Every *expected* failure raises a subclass of :class:`QConvertError`. The CLI catches these,
+prints ``error: <message>`` (one line: what is wrong and how to fix it) and exits with the
+class's exit code. Anything else is a bug and exits 1 (with a traceback under ``--debug``).
+
+Exit codes (documented in the README):
+
+====  ==========================================
+0     success
+1     unexpected error (a bug: please report it)
+2     usage: bad option, unknown backend/scheme
+3     input: missing/corrupt source, not a Flux model, missing dependency, no disk
+4     validation failed
+5     publishing failed
+130   interrupted (Ctrl-C)
+====  ==========================================
+"""
+
+from __future__ import annotations
+
+import re
+
+EXIT_OK = 0
+EXIT_UNEXPECTED = 1
+EXIT_USAGE = 2
+EXIT_INPUT = 3
+EXIT_VALIDATION = 4
+EXIT_PUBLISH = 5
+EXIT_INTERRUPTED = 130
+
+
+class QConvertError(Exception):
+    """Base class: an expected failure with a one-line, actionable message."""
+
+    exit_code = EXIT_UNEXPECTED
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def one_line(self) -> str:
+        text = self.message if not self.hint else f"{self.message} ({self.hint})"
+        return redact(" ".join(text.split()))
+
+
+class UsageError(QConvertError):
+    """Bad option combination, unknown backend or scheme."""
+
+    exit_code = EXIT_USAGE
+
+
+class InputError(QConvertError):
+    """The source or another input cannot be used as given."""
+
+    exit_code = EXIT_INPUT
+
+
+class SourceNotFound(InputError):
+    """A path or Hub repo that does not exist."""
+
+
+class NotAFluxModel(InputError):
+    """The source is a model, but not a Flux text-to-image pipeline or BFL transformer."""
+
+
+class CorruptCheckpoint(InputError):
+    """A safetensors file that cannot be parsed, is truncated, or holds bad values."""
+
+
+class GatedRepo(InputError):
+    """A Hub repo that needs an accepted license and a token."""
+
+
+class MissingDependency(InputError):
+    """An optional backend library is not installed."""
+
+    def __init__(self, package: str, extra: str) -> None:
+        super().__init__(
+            f"{package} is not installed",
+            hint=f"pip install 'qconvert[{extra}]'",
+        )
+
+
+class DeviceError(InputError):
+    """The scheme or check needs a device this machine does not have (e.g. CUDA)."""
+
+
+class DiskSpaceError(InputError):
+    """Not enough free disk for the planned output."""
+
+
+class OutputExists(UsageError):
+    """``--out`` exists and ``--overwrite`` was not given."""
+
+
+class ValidationFailed(QConvertError):
+    """A validation check failed; the output is not fit to publish."""
+
+    exit_code = EXIT_VALIDATION
+
+
+class PublishError(QConvertError):
+    """Pushing to the Hub failed (auth, network, server)."""
+
+    exit_code = EXIT_PUBLISH
+
+
+class AuthError(PublishError):
+    """Missing, invalid or read-only token."""
+
+
+# --- secrets -----------------------------------------------------------------------------
+
+# Hugging Face tokens: "hf_" + 30+ alphanumerics. Any string registered with
+# ``register_secret`` (e.g. the token actually in use) is redacted too.
+_TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{10,}")
+_SECRETS: set[str] = set()
+
+
+def register_secret(secret: str | None) -> None:
+    """Remember a secret so that :func:`redact` removes it from any text we print or store."""
+    if secret and len(secret) >= 4:
+        _SECRETS.add(secret)
+
+
+def redact(text: str) -> str:
+    for secret in sorted(_SECRETS, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return _TOKEN_RE.sub("hf_***", text)

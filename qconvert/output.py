@@ -1,0 +1,123 @@
+"""Atomic output folders: build in a temporary sibling, rename when complete.
+
+A killed run leaves only ``.<name>.qconvert-tmp-<pid>`` siblings, never a half-written
+``--out``. Stale temporaries (their process is gone) are removed by the next run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .errors import DiskSpaceError, OutputExists
+
+TMP_MARK = ".qconvert-tmp-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temporaries(out: Path) -> list[Path]:
+    removed = []
+    prefix = f".{out.name}{TMP_MARK}"
+    if not out.parent.is_dir():
+        return removed
+    for p in out.parent.iterdir():
+        if p.name.startswith(prefix):
+            try:
+                pid = int(p.name[len(prefix) :].split("-")[0])
+            except ValueError:
+                continue
+            if not _pid_alive(pid) or pid == os.getpid():
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    return removed
+
+
+def check_output(out: Path, *, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise OutputExists(f"output {out} already exists", hint="pass --overwrite or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise OutputExists(f"output {out} exists and is not a folder", hint="choose another --out")
+
+
+def check_disk_space(out: Path, needed: int, *, margin: float = 1.1) -> None:
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if needed * margin > free:
+        from .plan import human_bytes
+
+        raise DiskSpaceError(
+            f"not enough free disk for the output: {human_bytes(needed * margin)} needed, "
+            f"{human_bytes(free)} free under {parent}",
+            hint="free space or choose another --out",
+        )
+
+
+@contextmanager
+def atomic_folder(out: Path, *, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary sibling of ``out``; on success it replaces ``out`` atomically."""
+    out = Path(out).absolute()
+    check_output(out, overwrite=overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temporaries(out)
+    tmp = out.parent / f".{out.name}{TMP_MARK}{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.parent / f".{out.name}{TMP_MARK}{os.getpid()}-old"
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+
+
+def sha256_of(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while data := fh.read(chunk):
+            h.update(data)
+    return h.hexdigest()
+
+
+def copy_file(src: Path, dst: Path) -> None:
+    """Copy content only (follows Hub-cache symlinks; no metadata, for determinism)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+
+
+def copy_tree(src: Path, dst: Path) -> list[Path]:
+    files = []
+    for p in sorted(src.rglob("*")):
+        if ".cache" in p.relative_to(src).parts or not p.is_file():
+            continue
+        target = dst / p.relative_to(src)
+        copy_file(p, target)
+        files.append(target)
+    return files
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,525 @@
+"""Sources: where the Flux weights come from, behind one interface.
+
+Four kinds, all resolved to a :class:`Source` whose components hold *lazy* tensors:
+
+* a built-in pipeline (``tiny-flux``, ``slim-flux``), built locally on first use;
+* a local diffusers pipeline folder (``model_index.json`` with ``FluxPipeline``);
+* a Hub repo id (``org/name`` + ``--revision``), downloaded with ``snapshot_download``
+  (only the files a pipeline folder needs; the single-file BFL checkpoint that FLUX.1-dev
+  also ships is skipped);
+* a single Black Forest Labs transformer ``.safetensors`` file plus ``--base``, the pipeline
+  that supplies every other component and the transformer config.
+
+Tensors are read with safetensors ``safe_open`` (mmap): nothing is loaded until a converter
+asks for one tensor, and only the rows a recipe needs are read (``get_slice``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import flux
+from .errors import (
+    CorruptCheckpoint,
+    GatedRepo,
+    InputError,
+    NotAFluxModel,
+    SourceNotFound,
+    UsageError,
+)
+
+# safetensors dtype name -> bytes per element
+DTYPE_SIZES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}  # fmt: skip
+FLOAT_DTYPES = {"F32", "F16", "BF16"}
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl"}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+# --- safetensors headers -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeaderEntry:
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, HeaderEntry], dict[str, str]]:
+    """Parse and check a safetensors header without reading tensor data.
+
+    Raises :class:`CorruptCheckpoint` for a file that is truncated, not safetensors, or
+    whose offsets do not match its dtypes and shapes.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        raw = fh.read(8)
+        if len(raw) < 8:
+            raise CorruptCheckpoint(f"{path.name} is not a safetensors file (too short)")
+        (n,) = struct.unpack("<Q", raw)
+        if n <= 1 or n > _MAX_HEADER or 8 + n > size:
+            raise CorruptCheckpoint(
+                f"{path.name} is not a valid safetensors file (bad header length)",
+                hint="re-download it",
+            )
+        try:
+            header = json.loads(fh.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise CorruptCheckpoint(
+                f"{path.name} has a corrupt safetensors header", hint="re-download it"
+            ) from None
+    if not isinstance(header, dict):
+        raise CorruptCheckpoint(f"{path.name} has a corrupt safetensors header")
+    metadata = header.pop("__metadata__", None) or {}
+    entries: dict[str, HeaderEntry] = {}
+    data_len = size - 8 - n
+    end_max = 0
+    for key, info in header.items():
+        try:
+            dtype, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CorruptCheckpoint(f"{path.name}: malformed header entry for {key}") from None
+        if dtype not in DTYPE_SIZES:
+            raise CorruptCheckpoint(f"{path.name}: tensor {key} has unsupported dtype {dtype}")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if end - start != numel * DTYPE_SIZES[dtype]:
+            raise CorruptCheckpoint(f"{path.name}: tensor {key} size does not match its shape")
+        end_max = max(end_max, end)
+        entries[key] = HeaderEntry(dtype, shape)
+    if end_max > data_len:
+        raise CorruptCheckpoint(
+            f"{path.name} is truncated ({data_len} of {end_max} data bytes present)",
+            hint="re-download it",
+        )
+    return entries, metadata
+
+
+# --- lazy tensors ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileSegment:
+    """Rows ``start:stop`` of tensor ``key`` in safetensors file ``path``."""
+
+    path: Path
+    key: str
+    start: int | None = None
+    stop: int | None = None
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    segments: tuple[FileSegment, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_SIZES[self.dtype]
+
+
+class TensorReader:
+    """Keeps one ``safe_open`` handle per file and assembles tensors from segments."""
+
+    def __init__(self) -> None:
+        self._handles: dict[Path, Any] = {}
+
+    def _handle(self, path: Path) -> Any:
+        h = self._handles.get(path)
+        if h is None:
+            from safetensors import safe_open
+
+            h = safe_open(str(path), framework="pt")
+            self._handles[path] = h
+        return h
+
+    def load(self, tensor: SourceTensor) -> Any:
+        import torch
+
+        parts = []
+        for seg in tensor.segments:
+            h = self._handle(seg.path)
+            if seg.start is None and seg.stop is None:
+                parts.append(h.get_tensor(seg.key))
+            else:
+                parts.append(h.get_slice(seg.key)[seg.start : seg.stop])
+        t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        if tuple(t.shape) != tensor.shape:
+            raise CorruptCheckpoint(f"tensor {tensor.name} has shape {tuple(t.shape)}, expected {tensor.shape}")
+        return t
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> TensorReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --- components and sources ----------------------------------------------------------------
+
+
+@dataclass
+class Component:
+    """One pipeline component (a sub-folder of the pipeline)."""
+
+    name: str
+    folder: Path | None
+    library: str
+    class_name: str
+    config: dict[str, Any] = field(default_factory=dict)
+    # Lazily-described weights; empty for components without weights (scheduler, tokenizers).
+    tensors: dict[str, SourceTensor] = field(default_factory=dict)
+    weight_files: list[Path] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+@dataclass
+class Source:
+    spec: str
+    kind: str  # "builtin" | "local" | "hub" | "bfl"
+    root: Path  # the pipeline folder supplying non-quantized components
+    identity: dict[str, Any]
+    model_index: dict[str, Any]
+    components: dict[str, Component]
+
+    def component(self, name: str) -> Component:
+        return self.components[name]
+
+
+def _load_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"{path} is not readable JSON ({type(e).__name__})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path} is not a JSON object")
+    return data
+
+
+def _component_weight_files(folder: Path) -> list[Path]:
+    """safetensors files of a diffusers/transformers component folder (index-aware)."""
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    indexes = [p for p in indexes if not _is_variant(p.name)]
+    if indexes:
+        weight_map = _load_json(indexes[0]).get("weight_map", {})
+        files = sorted({folder / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise SourceNotFound(
+                f"{folder.name}/{missing[0]} is listed in {indexes[0].name} but missing",
+                hint="re-download the source",
+            )
+        return files
+    files = sorted(p for p in folder.glob("*.safetensors") if not _is_variant(p.name))
+    if not files and any(p.suffix in PICKLE_SUFFIXES for p in folder.iterdir()):
+        raise InputError(
+            f"{folder.name}/ holds only pickle weights (.bin/.pt), which qconvert does not load",
+            hint="convert them to safetensors first",
+        )
+    return files
+
+
+def _is_variant(filename: str) -> bool:
+    # diffusion_pytorch_model.fp16.safetensors etc.
+    parts = filename.split(".")
+    return len(parts) > 2 and parts[-2] in {"fp16", "bf16", "fp32"}
+
+
+def describe_files(files: list[Path]) -> dict[str, SourceTensor]:
+    tensors: dict[str, SourceTensor] = {}
+    for f in files:
+        entries, _ = read_safetensors_header(f)
+        for key, e in entries.items():
+            tensors[key] = SourceTensor(key, e.shape, e.dtype, (FileSegment(f, key),))
+    return tensors
+
+
+def load_pipeline_folder(root: Path, *, spec: str, kind: str, identity: dict[str, Any]) -> Source:
+    root = Path(root)
+    index_path = root / "model_index.json"
+    if not index_path.is_file():
+        if (root / "config.json").is_file() or (root / "unet").is_dir():
+            raise NotAFluxModel(
+                f"{spec} is a single model folder, not a pipeline",
+                hint="pass the pipeline folder that holds model_index.json",
+            )
+        raise NotAFluxModel(
+            f"{spec} has no model_index.json: not a diffusers pipeline folder",
+            hint="pass a FluxPipeline folder, a Hub repo id or a BFL .safetensors file with --base",
+        )
+    model_index = _load_json(index_path)
+    cls = model_index.get("_class_name")
+    if cls != flux.PIPELINE_CLASS:
+        what = flux.KNOWN_OTHER_PIPELINES.get(str(cls), str(cls))
+        raise NotAFluxModel(
+            f"{spec} is a {what} pipeline ({cls}), not a FluxPipeline",
+            hint="qconvert converts Flux text-to-image pipelines",
+        )
+    components: dict[str, Component] = {}
+    for name in flux.PIPELINE_COMPONENTS:
+        entry = model_index.get(name)
+        if not entry or entry[0] is None:
+            raise NotAFluxModel(f"{spec}: model_index.json has no {name} component")
+        folder = root / name
+        if not folder.is_dir():
+            raise SourceNotFound(f"{spec}: component folder {name}/ is missing", hint="re-download the source")
+        library, class_name = entry[0], entry[1]
+        comp = Component(name, folder, library, class_name)
+        if name in {"transformer", "text_encoder", "text_encoder_2", "vae"}:
+            comp.config = _load_json(folder / "config.json") if (folder / "config.json").is_file() else {}
+            if not comp.config:
+                raise SourceNotFound(f"{spec}: {name}/config.json is missing")
+            comp.weight_files = _component_weight_files(folder)
+            if not comp.weight_files:
+                raise SourceNotFound(f"{spec}: {name}/ has no .safetensors weights")
+            comp.tensors = describe_files(comp.weight_files)
+            if "quantization_config" in comp.config:
+                raise InputError(
+                    f"{spec}: {name} is already quantized "
+                    f"({comp.config['quantization_config'].get('quant_method', '?')})",
+                    hint="convert from the original bf16 checkpoint",
+                )
+        components[name] = comp
+    return Source(spec, kind, root, identity, model_index, components)
+
+
+def _folder_fingerprint(root: Path) -> str:
+    """A cheap identity for a local folder: names, sizes and safetensors headers."""
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if not p.is_file() or ".cache" in p.parts:
+            continue
+        rel = p.relative_to(root).as_posix()
+        h.update(f"{rel}\0{p.stat().st_size}\0".encode())
+        if p.suffix == ".safetensors":
+            with open(p, "rb") as fh:
+                raw = fh.read(8)
+                n = struct.unpack("<Q", raw)[0] if len(raw) == 8 else 0
+                h.update(fh.read(min(n, _MAX_HEADER)))
+        elif p.stat().st_size < 1 << 20:
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while data := fh.read(chunk):
+            h.update(data)
+    return h.hexdigest()
+
+
+# Files a pipeline folder needs from a Hub repo (FLUX.1-dev also ships a 23.8 GB
+# single-file checkpoint and ae.safetensors at the top level: never download those).
+HUB_ALLOW_PATTERNS = [
+    "model_index.json",
+    "LICENSE*",
+    "README.md",
+    "scheduler/*",
+    "tokenizer/*",
+    "tokenizer_2/*",
+    "*/config.json",
+    "*/*.safetensors.index.json",
+    "*/*.safetensors",
+]
+HUB_IGNORE_PATTERNS = ["*.bin", "*.pt", "*.ckpt", "*/*.fp16.safetensors", "*.onnx*"]
+
+
+def looks_like_repo_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return (
+        len(parts) == 2
+        and all(parts)
+        and not spec.startswith((".", "/", "~"))
+        and all(c.isalnum() or c in "-_." for c in spec.replace("/", ""))
+    )
+
+
+def download_hub_source(
+    repo_id: str, revision: str | None, *, token: str | None = None, endpoint: str | None = None
+) -> tuple[Path, str]:
+    """Download the pipeline files of a Hub repo; return (folder, resolved commit sha)."""
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    api = HfApi(endpoint=endpoint, token=token)
+    try:
+        info = api.model_info(repo_id, revision=revision)
+        sha = info.sha or revision or "main"
+        folder = snapshot_download(
+            repo_id,
+            revision=sha,
+            allow_patterns=HUB_ALLOW_PATTERNS,
+            ignore_patterns=HUB_IGNORE_PATTERNS,
+            token=token,
+            endpoint=endpoint,
+        )
+    except GatedRepoError:
+        raise GatedRepo(
+            f"{repo_id} is gated",
+            hint=f"accept its license on the Hub page of {repo_id}, then set HF_TOKEN or run `hf auth login`",
+        ) from None
+    except RevisionNotFoundError:
+        raise SourceNotFound(f"revision {revision!r} not found in {repo_id}") from None
+    except RepositoryNotFoundError:
+        raise SourceNotFound(
+            f"Hub repo {repo_id} not found (or private)",
+            hint="check the id; for a private repo set HF_TOKEN",
+        ) from None
+    except LocalEntryNotFoundError:
+        raise InputError(
+            f"cannot download {repo_id}: the Hub is not reachable", hint="check the network or HF_ENDPOINT"
+        ) from None
+    except HfHubHTTPError as e:
+        status = getattr(getattr(e, "response", None), "status_code", "?")
+        raise InputError(f"downloading {repo_id} failed (HTTP {status})", hint="retry later") from None
+    except OSError as e:
+        raise InputError(f"downloading {repo_id} failed: {type(e).__name__}", hint="check the network or HF_ENDPOINT") from None
+    return Path(folder), sha
+
+
+def resolve_source(
+    spec: str,
+    *,
+    revision: str | None = None,
+    base: str | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+    _allow_bfl: bool = True,
+) -> Source:
+    """Turn ``--source`` (and ``--base``/``--revision``) into a :class:`Source`."""
+    from . import tiny
+
+    if spec in tiny.BUILTIN_SOURCES:
+        root = tiny.builtin_path(spec)
+        identity = {"kind": "builtin", "name": spec, "builder_version": tiny.BUILDER_VERSION}
+        return load_pipeline_folder(root, spec=spec, kind="builtin", identity=identity)
+
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_dir():
+            identity = {
+                "kind": "local",
+                "path": str(path.resolve()),
+                "fingerprint": _folder_fingerprint(path),
+            }
+            return load_pipeline_folder(path, spec=spec, kind="local", identity=identity)
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            raise InputError(
+                f"{spec} is a pickle checkpoint, which qconvert refuses to load (it can run code)",
+                hint="use the .safetensors release of the model",
+            )
+        if path.suffix.lower() != ".safetensors":
+            raise InputError(f"{spec} is not a .safetensors file or a pipeline folder")
+        if not _allow_bfl:
+            raise UsageError(f"--base {spec} must be a pipeline, not a single file")
+        return _bfl_source(path, spec=spec, base=base, revision=revision, token=token, endpoint=endpoint)
+
+    if looks_like_repo_id(spec):
+        folder, sha = download_hub_source(spec, revision, token=token, endpoint=endpoint)
+        identity = {"kind": "hub", "repo_id": spec, "revision": sha}
+        if revision and revision != sha:
+            identity["requested_revision"] = revision
+        return load_pipeline_folder(folder, spec=spec, kind="hub", identity=identity)
+
+    raise SourceNotFound(
+        f"source {spec!r} not found",
+        hint="pass tiny-flux, a pipeline folder, a Hub repo id (org/name) or a BFL .safetensors file",
+    )
+
+
+def _bfl_source(
+    path: Path, *, spec: str, base: str | None, revision: str | None, token: str | None, endpoint: str | None
+) -> Source:
+    entries, _ = read_safetensors_header(path)
+    keys = list(entries)
+    if not flux.looks_like_bfl_flux(keys):
+        raise NotAFluxModel(
+            f"{path.name} is {flux.guess_architecture(keys)}, not a Black Forest Labs Flux transformer"
+        )
+    if not base:
+        raise UsageError(
+            f"{path.name} holds only the transformer",
+            hint="add --base <pipeline folder or Hub id> to supply the text encoders, VAE and config",
+        )
+    base_src = resolve_source(base, revision=revision, token=token, endpoint=endpoint, _allow_bfl=False)
+    comp = base_src.components["transformer"]
+    cfg = comp.config
+    inner = int(cfg.get("num_attention_heads", 24)) * int(cfg.get("attention_head_dim", 128))
+    bfl_shapes = {flux.strip_bfl_prefix(k): e.shape for k, e in entries.items()}
+    bfl_keys = {flux.strip_bfl_prefix(k): k for k in entries}
+    try:
+        recipes = flux.bfl_to_diffusers(bfl_shapes, inner_dim=inner)
+    except (KeyError, ValueError) as e:
+        raise NotAFluxModel(f"{path.name}: {e}") from None
+    tensors: dict[str, SourceTensor] = {}
+    for name, recipe in recipes.items():
+        segs = tuple(FileSegment(path, bfl_keys[s.key], s.start, s.stop) for s in recipe)
+        first = entries[bfl_keys[recipe[0].key]]
+        rows = 0
+        for s in recipe:
+            full = bfl_shapes[s.key][0]
+            lo = s.start or 0
+            hi = full if s.stop is None else s.stop
+            rows += hi - lo
+        tensors[name] = SourceTensor(name, (rows, *first.shape[1:]), first.dtype, segs)
+    expected = set(comp.tensors)
+    if expected and set(tensors) != expected:
+        missing = sorted(expected - set(tensors))
+        extra = sorted(set(tensors) - expected)
+        raise NotAFluxModel(
+            f"{path.name} does not match the base transformer config "
+            f"(missing {missing[:2]}, unexpected {extra[:2]})",
+            hint="pick a --base with the same Flux variant (dev/schnell)",
+        )
+    for name, t in tensors.items():
+        want = comp.tensors[name].shape
+        if t.shape != want:
+            raise NotAFluxModel(f"{path.name}: {name} has shape {t.shape}, base config expects {want}")
+    new_comp = Component("transformer", None, comp.library, comp.class_name, dict(cfg), tensors, [path])
+    components = dict(base_src.components)
+    components["transformer"] = new_comp
+    identity = {
+        "kind": "bfl",
+        "file": path.name,
+        "sha256": sha256_file(path),
+        "base": base_src.identity,
+    }
+    return Source(spec, "bfl", base_src.root, identity, base_src.model_index, components)
+
+
+def iter_float_tensors(comp: Component) -> Iterator[SourceTensor]:
+    for name in sorted(comp.tensors):
+        yield comp.tensors[name]
