@@ -153,19 +153,32 @@ class TensorReader:
             self._handles[path] = h
         return h
 
-    def load(self, tensor: SourceTensor) -> Any:
+    def load(self, tensor: SourceTensor, rows: tuple[int, int] | None = None) -> Any:
+        """Read a tensor, or only its rows ``rows[0]:rows[1]`` (dim 0), from the mmapped files."""
         import torch
 
+        want_lo, want_hi = rows if rows is not None else (0, tensor.shape[0] if tensor.shape else 0)
         parts = []
+        offset = 0  # first row of the current segment within the output tensor
         for seg in tensor.segments:
             h = self._handle(seg.path)
-            if seg.start is None and seg.stop is None:
+            sl = h.get_slice(seg.key)
+            full_rows = sl.get_shape()[0] if sl.get_shape() else 0
+            lo = seg.start or 0
+            hi = full_rows if seg.stop is None else seg.stop
+            n = hi - lo
+            a, b = max(want_lo, offset), min(want_hi, offset + n)
+            if rows is None and len(tensor.segments) == 1 and seg.start is None and seg.stop is None:
                 parts.append(h.get_tensor(seg.key))
-            else:
-                parts.append(h.get_slice(seg.key)[seg.start : seg.stop])
+            elif a < b:
+                parts.append(sl[lo + a - offset : lo + b - offset])
+            offset += n
+        if not tensor.shape:  # 0-d tensor
+            return self._handle(tensor.segments[0].path).get_tensor(tensor.segments[0].key)
         t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        if tuple(t.shape) != tensor.shape:
-            raise CorruptCheckpoint(f"tensor {tensor.name} has shape {tuple(t.shape)}, expected {tensor.shape}")
+        expect = tensor.shape if rows is None else (want_hi - want_lo, *tensor.shape[1:])
+        if tuple(t.shape) != tuple(expect):
+            raise CorruptCheckpoint(f"tensor {tensor.name} has shape {tuple(t.shape)}, expected {expect}")
         return t
 
     def close(self) -> None:

@@ -133,6 +133,9 @@ def convert(
     options: dict[str, Any] | None = None,
 ) -> ConvertResult:
     """Convert ``source`` with one backend/scheme into the folder ``out`` (atomically)."""
+    from ..memory import limit_heap_retention
+
+    limit_heap_retention()
     options = dict(options or {})
     backend = get_backend(backend_name, scheme, **options)
     backend.check_environment()

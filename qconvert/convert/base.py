@@ -9,6 +9,7 @@ one module: subclass :class:`Backend`, fill ``schemes``, override :meth:`policy`
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 from collections.abc import Callable
@@ -37,8 +38,10 @@ class ModelFacts:
 def model_facts(comp: Component) -> ModelFacts:
     """Build the component's model on the meta device and list its nn.Linear weights."""
     import torch
-    from accelerate import init_empty_weights
 
+    # torch.device("meta") puts parameters *and* buffers on the meta device (accelerate's
+    # init_empty_weights leaves buffers, e.g. RoPE tables, allocated: ~100 MB here).
+    init_empty_weights = lambda: torch.device("meta")  # noqa: E731
     if comp.library == "diffusers":
         import diffusers
 
@@ -139,6 +142,41 @@ class Backend:
             return [(plan.name, tensor.to(getattr(torch, _TORCH_NAMES[str(plan.target)])))]
         raise NotImplementedError(f"{self.name} cannot {plan.action} {plan.name}")
 
+    # Quantizing a big tensor at once needs several float32 temporaries of its size; rows are
+    # independent for per-row and per-block schemes, so big tensors are read and quantized
+    # in row chunks of about this many source bytes, and the pieces merged.
+    chunk_bytes: ClassVar[int] = 16 << 20
+
+    def chunk_rows(self, plan: TensorPlan) -> int | None:
+        """Rows per chunk for ``plan``'s tensor, or None to process it whole (default)."""
+        return None
+
+    def merge_chunks(self, plan: TensorPlan, chunks: list[list[tuple[str, Any]]]) -> list[tuple[str, Any]]:
+        """Join the encoded chunks of one tensor (default: concatenate each output on dim 0)."""
+        import torch
+
+        names = [n for n, _ in chunks[0]]
+        return [(n, torch.cat([dict(c)[n] for c in chunks], dim=0)) for n in names]
+
+    def encode_streaming(
+        self, comp: Component, plan: TensorPlan, reader: TensorReader, check_tensor: Callable[[str, Any], None]
+    ) -> list[tuple[str, Any]]:
+        """Read and encode one tensor, in row chunks when the backend allows it."""
+        source = comp.tensors[plan.name]
+        rows = self.chunk_rows(plan) if plan.action == QUANTIZE else None
+        if not rows or rows >= source.shape[0]:
+            tensor = reader.load(source)
+            check_tensor(plan.name, tensor)
+            return self.encode(comp.name, plan, tensor)
+        chunks = []
+        for start in range(0, source.shape[0], rows):
+            part = reader.load(source, rows=(start, min(start + rows, source.shape[0])))
+            check_tensor(plan.name, part)
+            chunks.append(self.encode(comp.name, plan, part))
+            del part
+            gc.collect(1)  # see GarbageBound
+        return self.merge_chunks(plan, chunks)
+
     def shard_metadata(self, component: str) -> dict[str, str]:
         """``__metadata__`` of every shard of a component (known after all tensors)."""
         return {"format": "pt"}
@@ -173,13 +211,12 @@ class Backend:
         )
         writer = ShardedSafetensorsWriter(folder, base_name, parse_size(shard))
         self.begin_component(comp, facts)
+        collector = GarbageBound()
         try:
             for tp in plan.tensors:
-                tensor = reader.load(comp.tensors[tp.name])
-                check_tensor(tp.name, tensor)
-                writer.add_group(self.encode(comp.name, tp, tensor))
-                del tensor
+                writer.add_group(self.encode_streaming(comp, tp, reader, check_tensor))
                 progress(tp.bytes_in)
+                collector.step(tp.bytes_in)
             files = writer.finish(self.shard_metadata(comp.name))
         except BaseException:
             writer.abort()
@@ -190,6 +227,28 @@ class Backend:
         cfg_path = folder / "config.json"
         cfg_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         return [cfg_path, *files]
+
+
+class GarbageBound:
+    """Keep garbage from reference cycles bounded while streaming.
+
+    Quantizer libraries leave reference cycles (torchao's tensor subclasses, module
+    parametrizations); freed only by the cyclic collector, they would pile up to a sizeable
+    part of the model. A young-generation collection after every tensor (microseconds) frees
+    them while they are young; a full one (~0.4 s with diffusers loaded) runs every
+    ``every`` bytes for whatever got promoted.
+    """
+
+    def __init__(self, every: int = 1 << 30) -> None:
+        self.every = every
+        self.pending = 0
+
+    def step(self, nbytes: int) -> None:
+        gc.collect(1)
+        self.pending += nbytes
+        if self.pending >= self.every:
+            gc.collect()
+            self.pending = 0
 
 
 _TORCH_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}

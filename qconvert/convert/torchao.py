@@ -75,6 +75,14 @@ class TorchAOBackend(Backend):
         extra = out_features * 1 if self.scheme == "int8wo" else 0  # int8 zero points
         return tensor.numel + scale + extra
 
+    def chunk_rows(self, plan: TensorPlan) -> int | None:
+        # Per-row schemes: rows quantize independently, so chunks give identical bytes.
+        # int4wo packs tiles on the GPU: quantize it whole.
+        if self.scheme == "int4wo":
+            return None
+        row_bytes = plan.shape[1] * DTYPE_SIZES[plan.dtype]
+        return max(1, self.chunk_bytes // row_bytes)
+
     def begin_component(self, comp: Component, facts: ModelFacts) -> None:
         self._metadata = {}
         self._names = []
@@ -83,7 +91,8 @@ class TorchAOBackend(Backend):
     def encode(self, component: str, plan: TensorPlan, tensor: Any) -> list[tuple[str, Any]]:
         from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
 
-        self._names.append(plan.name)
+        if plan.name not in self._metadata:
+            self._names.append(plan.name)
         if plan.action != QUANTIZE:
             self._metadata[plan.name] = json.dumps({"_type": "Tensor"})
             return super().encode(component, plan, tensor)
@@ -98,6 +107,9 @@ class TorchAOBackend(Backend):
         quantize_(linear, self._config)
         flat, metadata = flatten_tensor_state_dict({plan.name: linear.weight})
         self._metadata[plan.name] = metadata[plan.name]
+        # quantize_ leaves a reference cycle through the module; break it so the quantized
+        # tensor is freed now rather than at the next garbage collection (bounded memory).
+        linear._parameters.clear()
         return [(k, v.cpu()) for k, v in flat.items()]
 
     def shard_metadata(self, component: str) -> dict[str, str]:

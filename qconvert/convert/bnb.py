@@ -1,0 +1,268 @@
+"""bitsandbytes backend: NF4 / FP4 (optionally double-quantized) and LLM.int8, written on CPU.
+
+diffusers refuses to quantize with bitsandbytes without a GPU, so this backend writes the
+serialized layout directly, one tensor at a time, with bitsandbytes' own functional
+quantizer — the same functions ``Params4bit``/``Int8Params`` call when diffusers or
+transformers quantize on the fly:
+
+* 4-bit (``nf4``, ``fp4``; ``-dq`` = double quant): ``q, st =
+  bitsandbytes.functional.quantize_4bit(w, quant_type=..., blocksize=64,
+  compress_statistics=<double quant>)``; ``<m>.weight = q`` (uint8, shape
+  ``((out*in+1)//2, 1)``) and ``<m>.weight.<k> = v`` for every item of
+  ``st.as_dict(packed=True)``: ``absmax`` (float32, or uint8 plus ``nested_absmax`` and
+  ``nested_quant_map`` with double quant), ``quant_map`` and
+  ``quant_state.bitsandbytes__nf4|fp4`` (the JSON of quant_type, blocksize, dtype, shape
+  [, nested_blocksize, nested_dtype, nested_offset] as uint8 bytes).
+* 8-bit (``int8``): ``CB, SCB, _ = bitsandbytes.functional.int8_vectorwise_quant(w.half())``
+  (``Int8Params`` quantizes from float16 whatever the model dtype); ``<m>.weight = CB``
+  (int8), ``<m>.SCB`` (float32 per output row), ``<m>.weight_format`` (uint8 scalar 0).
+
+All tensors of one Linear are returned as one group, so they always share a shard.
+
+Which Linears: every ``nn.Linear`` of the model, as diffusers' and transformers' bitsandbytes
+quantizers do (for Flux: all of them, x_embedder, proj_out and norm_out.linear included),
+except the model class's ``_keep_in_fp32_modules`` (T5: the ``wo`` layers), which both
+libraries leave unquantized (option ``quantize_keep_fp32=True`` quantizes them too).
+Everything else (biases, norms, embeddings, the ``wo`` layers) is written unquantized.
+
+Checkpoint dtype. 16-bit sources (FLUX.1-dev is bf16) are written in their own dtype: Linear
+weights are quantized from it and every other tensor is copied unchanged. A float32 source
+(the tiny test pipeline) is first cast to the compute dtype (``--compute-dtype``, default
+bfloat16), all of it: what diffusers/transformers hold, and save, when the user loads the
+float32 source with ``torch_dtype=<compute dtype>`` and quantizes on the fly. Why:
+
+* the quant_state's ``dtype`` field then reads ``bfloat16``, so ``dequantize_4bit`` yields
+  the dtype the matmul runs in, not a transient float32 copy twice the size;
+* transformers 5 loads a pre-quantized bnb checkpoint's unquantized tensors in their stored
+  dtype whatever ``dtype=`` asks for: a float32 T5 stays float32 under
+  ``FluxPipeline.from_pretrained(out, torch_dtype=torch.bfloat16)``, its prompt embeddings
+  give float32 latents, and the bf16 VAE then fails ("Input type (float) and bias type
+  (c10::BFloat16) should be the same");
+* the output equals, tensor for tensor and byte for byte, what
+  ``from_pretrained(src, torch_dtype=<compute dtype>, quantization_config=...)`` +
+  ``save_pretrained`` writes (checked on CPU for every scheme, transformer and T5).
+
+With ``--compute-dtype float32`` a float32 source stays float32. The ``wo`` layers follow
+the libraries: stored in the checkpoint dtype, upcast to float32 only when that is float16
+(both libraries upcast ``_keep_in_fp32_modules`` for a float16 load only). For ``int8`` the
+compute dtype is not part of the config (8-bit has none), but a float32 source is still cast
+to it first (and the weights then to float16, as ``Int8Params`` does).
+
+The ``quantization_config`` written into config.json is ``BitsAndBytesConfig(...).to_dict()``
+of diffusers (transformer) or transformers (T5), which is exactly what their own
+``save_pretrained`` writes (``quant_method: "bitsandbytes"``, ``_load_in_4bit``,
+``bnb_4bit_quant_storage: "uint8"`` ... included). Users load the output on a CUDA machine
+with a plain ``FluxPipeline.from_pretrained(out, torch_dtype=torch.bfloat16)``. On a
+CPU-only machine diffusers refuses bnb models; qconvert's own validation uses
+:func:`qconvert.convert.bnb_cpu.allow_bnb_on_cpu`.
+
+Quantized bytes from bitsandbytes' CPU kernels equal its CUDA kernels for nf4 from 16-bit
+sources; fp4, double-quant statistics and int8 can differ in a few values (see FACTS.md).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, ClassVar
+
+from ..errors import UsageError
+from ..plan import CAST, KEEP, QUANTIZE, ComponentPlan, Policy, Rule, TensorPlan
+from ..sources import Component, SourceTensor
+from .base import Backend, ModelFacts
+
+BLOCKSIZE = 64  # Params4bit's default; what diffusers/transformers use
+NESTED_BLOCKSIZE = 256  # quantize_4bit's blocksize for the double-quantized absmax
+
+# scheme -> (quant_type, double_quant); int8 is not listed
+_4BIT = {
+    "nf4": ("nf4", False),
+    "nf4-dq": ("nf4", True),
+    "fp4": ("fp4", False),
+    "fp4-dq": ("fp4", True),
+}
+
+COMPUTE_DTYPES = {
+    "float32": "float32", "fp32": "float32",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+}  # fmt: skip
+
+_ST_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+_TORCH_FROM_ST = {v: k for k, v in _ST_NAMES.items()}
+_FLOAT_NAMES = ("F64", "F32", "F16", "BF16")
+
+_LIBRARY = {"transformer": "diffusers", "text_encoder_2": "transformers"}
+
+
+def parse_compute_dtype(value: Any) -> str:
+    """'bf16' -> 'bfloat16'; None -> 'bfloat16'; anything unknown -> UsageError."""
+    if value is None:
+        return "bfloat16"
+    text = str(value).strip().lower().removeprefix("torch.")
+    if text not in COMPUTE_DTYPES:
+        raise UsageError(
+            f"unknown compute dtype {value!r}",
+            hint="--compute-dtype takes float32, float16 or bfloat16 (or fp32, fp16, bf16)",
+        )
+    return COMPUTE_DTYPES[text]
+
+
+def _transformers_skips(module: str, patterns: tuple[str, ...]) -> bool:
+    """transformers' ``should_convert_module`` negated (quantizers_utils, transformers 5)."""
+    boundary = r"(?:(?<=\.)|(?=\.|$))"
+    return any(re.match(rf"(?:{key}){boundary}", module) or module.endswith(key) for key in patterns)
+
+
+def _diffusers_skips(module: str, patterns: tuple[str, ...]) -> bool:
+    """diffusers' ``_replace_with_bnb_linear`` test for modules_to_not_convert."""
+    leaf = module.rsplit(".", 1)[-1]
+    return any(leaf == key or key + "." in module or key == module for key in patterns)
+
+
+class BitsAndBytesBackend(Backend):
+    name = "bnb"
+    package = "bitsandbytes"
+    extra = "bnb"
+    schemes: ClassVar[dict[str, str]] = {
+        "nf4": "4-bit NormalFloat, blocks of 64 with float32 scales (QLoRA's NF4)",
+        "nf4-dq": "NF4 with double quantization (scales quantized to 8 bit)",
+        "fp4": "4-bit float (e2m1), blocks of 64 with float32 scales",
+        "fp4-dq": "FP4 with double quantization (scales quantized to 8 bit)",
+        "int8": "LLM.int8: int8 weights, per-row float32 scales",
+    }
+
+    def __init__(self, scheme: str, **options: Any) -> None:
+        super().__init__(scheme, **options)
+        self.compute_dtype = parse_compute_dtype(options.get("compute_dtype"))
+        self.quantize_keep_fp32 = bool(options.get("quantize_keep_fp32", False))
+        self._library: dict[str, str] = dict(_LIBRARY)
+
+    @property
+    def is_4bit(self) -> bool:
+        return self.scheme in _4BIT
+
+    # --- planning --------------------------------------------------------------------------
+
+    def plan_component(self, comp: Component, facts: ModelFacts) -> ComponentPlan:
+        self._library[comp.name] = comp.library
+        cp = super().plan_component(comp, facts)
+        # Unquantized float tensors are written in the checkpoint dtype (see the module
+        # docstring): a float32 source's are cast to the compute dtype.
+        keep_modules = {w.removesuffix(".weight") for w in self.skipped_linears(comp.name, facts)}
+        for tp in cp.tensors:
+            if tp.action != KEEP or tp.dtype not in _FLOAT_NAMES:
+                continue
+            target = self.storage_dtype(tp.dtype)
+            if target == "F16" and tp.name.rsplit(".", 1)[0] in keep_modules:
+                target = "F32"  # _keep_in_fp32_modules: upcast for a float16 load, as the libraries do
+            if target != tp.dtype:
+                tp.action, tp.target = CAST, target
+                tp.bytes_out = self.estimate_bytes(Rule("", CAST, target), comp.tensors[tp.name])
+        cp.bytes_out = sum(p.bytes_out for p in cp.tensors)
+        return cp
+
+    def storage_dtype(self, source_dtype: str) -> str:
+        """Safetensors dtype of the checkpoint: 16-bit sources as they are, else the compute dtype."""
+        return source_dtype if source_dtype in ("BF16", "F16") else _ST_NAMES[self.compute_dtype]
+
+    def skipped_linears(self, component: str, facts: ModelFacts) -> set[str]:
+        """Linear weights the libraries leave unquantized (``_keep_in_fp32_modules``)."""
+        keep = tuple(facts.keep_in_fp32_modules)
+        if self.quantize_keep_fp32 or not keep:
+            return set()
+        test = _diffusers_skips if self._library.get(component) == "diffusers" else _transformers_skips
+        return {w for w in facts.linear_weights if test(w.removesuffix(".weight"), keep)}
+
+    def policy(self, component: str, facts: ModelFacts) -> Policy:
+        rules = []
+        skipped = self.skipped_linears(component, facts)
+        if skipped:
+            names = "|".join(re.escape(n) for n in sorted(skipped))
+            rules.append(Rule(rf"^(?:{names})$", KEEP, reason="_keep_in_fp32_modules: not quantized"))
+        rules.append(Rule(r"\.weight$", QUANTIZE, self.scheme, when=("linear",)))
+        return Policy(tuple(rules))
+
+    def quant_dtype_name(self, source_dtype: str) -> str:
+        """The torch dtype name a weight of safetensors dtype ``source_dtype`` is quantized from."""
+        return _TORCH_FROM_ST[self.storage_dtype(source_dtype)]
+
+    def estimate_bytes(self, rule: Rule, tensor: SourceTensor) -> int:
+        if rule.action != QUANTIZE:
+            return super().estimate_bytes(rule, tensor)
+        n = tensor.numel
+        if not self.is_4bit:
+            return n + 4 * tensor.shape[0] + 1  # weight int8 + SCB float32 + weight_format
+        quant_type, double = _4BIT[self.scheme]
+        blocks = -(-n // BLOCKSIZE)
+        size = (n + 1) // 2 + 16 * 4  # packed weight + quant_map
+        meta: dict[str, Any] = {
+            "quant_type": quant_type,
+            "blocksize": BLOCKSIZE,
+            "dtype": self.quant_dtype_name(tensor.dtype),
+            "shape": list(tensor.shape),
+        }
+        if double:
+            size += blocks + 4 * -(-blocks // NESTED_BLOCKSIZE) + 256 * 4
+            meta.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=0.01234567890123456)
+        else:
+            size += 4 * blocks
+        return size + len(json.dumps(meta))
+
+    # --- encoding --------------------------------------------------------------------------
+
+    def _quant_input(self, tensor: Any) -> Any:
+        import torch
+
+        if tensor.dtype in (torch.float32, torch.float64):
+            return tensor.to(getattr(torch, self.compute_dtype))
+        return tensor
+
+    def quantize(self, name: str, tensor: Any) -> list[tuple[str, Any]]:
+        """Quantize one Linear weight ``<m>.weight``: its serialized tensors, in save order."""
+        import torch
+        import bitsandbytes.functional as F
+
+        w = self._quant_input(tensor).contiguous()
+        if self.is_4bit:
+            quant_type, double = _4BIT[self.scheme]
+            q, state = F.quantize_4bit(
+                w, blocksize=BLOCKSIZE, compress_statistics=double, quant_type=quant_type,
+                quant_storage=torch.uint8,
+            )  # fmt: skip
+            return [(name, q)] + [(f"{name}.{k}", v) for k, v in state.as_dict(packed=True).items()]
+        prefix = name.removesuffix(".weight")
+        cb, scb, _ = F.int8_vectorwise_quant(w.to(torch.float16))
+        return [(name, cb), (f"{prefix}.SCB", scb), (f"{prefix}.weight_format", torch.tensor(0, dtype=torch.uint8))]
+
+    def encode(self, component: str, plan: TensorPlan, tensor: Any) -> list[tuple[str, Any]]:
+        if plan.action != QUANTIZE:
+            return super().encode(component, plan, tensor)
+        if tensor.dim() != 2:
+            raise ValueError(f"{plan.name}: a Linear weight must be 2-D, got shape {tuple(tensor.shape)}")
+        return self.quantize(plan.name, tensor)
+
+    # --- config ----------------------------------------------------------------------------
+
+    def bnb_config_kwargs(self) -> dict[str, Any]:
+        import torch
+
+        if not self.is_4bit:
+            return {"load_in_8bit": True}
+        quant_type, double = _4BIT[self.scheme]
+        return {
+            "load_in_4bit": True,
+            "bnb_4bit_quant_type": quant_type,
+            "bnb_4bit_use_double_quant": double,
+            "bnb_4bit_compute_dtype": getattr(torch, self.compute_dtype),
+        }
+
+    def bnb_config(self, component: str) -> Any:
+        if self._library.get(component) == "diffusers":
+            from diffusers import BitsAndBytesConfig
+        else:
+            from transformers import BitsAndBytesConfig
+        return BitsAndBytesConfig(**self.bnb_config_kwargs())
+
+    def quantization_config(self, component: str) -> dict[str, Any]:
+        return self.bnb_config(component).to_dict()

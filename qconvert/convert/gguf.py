@@ -1,0 +1,718 @@
+"""GGUF backend: single-file GGUF checkpoints for ComfyUI-GGUF, diffusers and transformers.
+
+Output (one folder): ``flux1-<name>-<SCHEME>.gguf`` (the transformer) and, when the T5 encoder
+is converted, ``t5xxl-<name>-<SCHEME>.gguf``.
+
+* ``<name>`` is a short name derived from the source: the built-in name (``tiny-flux``), the
+  Hub repo's name, the BFL file's stem or the local folder's name, lowercased, with a leading
+  ``flux.1-``/``flux1-``/``flux-`` dropped, so ``black-forest-labs/FLUX.1-dev`` and
+  ``flux1-dev.safetensors`` both give ``flux1-dev-Q4_K_S.gguf`` (city96's naming).
+* Transformer, layout ``bfl`` (default): Black Forest Labs key names (fused ``qkv`` and
+  ``linear1``, swapped final adaLN halves), ``general.architecture = "flux"``: what
+  ComfyUI-GGUF loads, and what diffusers' ``from_single_file`` converts (diffusers' converter
+  hard-codes width 3072, so a BFL-layout file loads in diffusers only at full width). Layout
+  ``diffusers`` keeps diffusers' key names and loads in diffusers at any width.
+* T5: llama.cpp's ``t5encoder`` architecture and tensor names (``token_embd``,
+  ``enc.blk.N.attn_q`` ...), with the ``t5encoder.*`` hyper-parameter keys transformers'
+  GGUF loader reads. No tokenizer is embedded (ComfyUI-GGUF and transformers use their own).
+
+Tensor policy (ComfyUI-GGUF's ``tools/convert.py`` and ``lcpp.patch`` conventions), as data:
+:func:`transformer_policy` and :func:`t5_policy` return :class:`~qconvert.plan.Policy` objects
+over *output* names; :func:`resolve_type` then applies the row-length fallback.
+
+* 1-D tensors and tensors of at most 1024 elements: F32.
+* ``img_in``, ``txt_in``, ``time_in``, ``vector_in``, ``guidance_in``, ``final_layer``
+  (diffusers: ``x_embedder``, ``context_embedder``, ``time_text_embed``, ``proj_out``,
+  ``norm_out``): F32. ComfyUI-GGUF's converter falls back to F32 because BF16 -> F16 is
+  lossy and BF16 -> F32 is exact; these tensors are ~1% of FLUX.1-dev (~120 MB extra vs BF16).
+* ``_S`` schemes: one type for every other 2-D weight. ``_M``: attention qkv (fused) / v
+  (separate) and MLP down projections one step up (Q3_K -> Q4_K, Q4_K -> Q5_K,
+  Q5_K -> Q6_K): BFL ``img_attn.qkv``, ``txt_attn.qkv``, ``img_mlp.2``, ``txt_mlp.2`` and
+  ``single_blocks.N.linear2`` (attention out + MLP down, fused); diffusers ``attn.to_v``,
+  ``attn.add_v_proj``, ``ff.net.2``, ``ff_context.net.2``, ``single_transformer_blocks.N.proj_out``;
+  T5 ``attn_v``, ``ffn_down``. Q2_K and Q6_K are single-type.
+* T5 ``token_embd``: Q6_K for the K and legacy schemes (Q8_0 for Q8_0, the scheme's float
+  type for F16/BF16), as llama.cpp does for a model without an output tensor.
+  ``attn_rel_b`` (relative attention bias): F32, never quantized (llama.cpp).
+* Row length not a multiple of the type's block (256 for K types, 32 for the legacy ones):
+  llama.cpp's fallback table (Q2_K, Q3_K -> Q4_0; Q4_K -> Q5_0; Q5_K -> Q5_1; Q6_K -> Q8_0),
+  then F16 when even 32 does not divide the row (ComfyUI-GGUF's forced fallback).
+
+Streaming: tensor infos go first (types and sizes are known from the plan), then header, KV
+and tensor-info data, then every tensor's data in plan order. Quantization runs on a pool of
+``--jobs`` workers over fixed-size row chunks (independent of ``--jobs``, so the bytes are
+identical for any value); at most ``jobs + 1`` chunks are in flight and the chunks of the
+tensor being written are streamed to the file as they complete, so memory stays at a few
+tensors whatever the model size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .. import __version__, flux
+from ..errors import InputError, NotAFluxModel, UsageError
+from ..plan import CAST, KEEP, QUANTIZE, ComponentPlan, Policy, Rule, TensorPlan
+from ..sources import Component, FileSegment, SourceTensor, read_safetensors_header
+from .base import Backend, ModelFacts, ProgressFn
+
+# --- schemes and types (data) ----------------------------------------------------------------
+
+# scheme -> (main type, type of the _M "more bits" tensors or None)
+SCHEME_TYPES: dict[str, tuple[str, str | None]] = {
+    "F16": ("F16", None),
+    "BF16": ("BF16", None),
+    "Q8_0": ("Q8_0", None),
+    "Q6_K": ("Q6_K", None),
+    "Q5_K_M": ("Q5_K", "Q6_K"),
+    "Q5_K_S": ("Q5_K", None),
+    "Q5_1": ("Q5_1", None),
+    "Q5_0": ("Q5_0", None),
+    "Q4_K_M": ("Q4_K", "Q5_K"),
+    "Q4_K_S": ("Q4_K", None),
+    "Q4_1": ("Q4_1", None),
+    "Q4_0": ("Q4_0", None),
+    "Q3_K_M": ("Q3_K", "Q4_K"),
+    "Q3_K_S": ("Q3_K", None),
+    "Q2_K": ("Q2_K", None),
+}
+
+FLOAT_TYPES = ("F32", "F16", "BF16")
+K_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+LEGACY_TYPES = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")
+# (block size, bytes per block) for every type written here; equals gguf.GGML_QUANT_SIZES
+# (checked by the tests) so that planning needs no gguf import.
+TYPE_SIZES: dict[str, tuple[int, int]] = {
+    "F32": (1, 4), "F16": (1, 2), "BF16": (1, 2),
+    "Q8_0": (32, 34), "Q5_1": (32, 24), "Q5_0": (32, 22), "Q4_1": (32, 20), "Q4_0": (32, 18),
+    "Q6_K": (256, 210), "Q5_K": (256, 176), "Q4_K": (256, 144), "Q3_K": (256, 110),
+    "Q2_K": (256, 84),
+}  # fmt: skip
+
+# Row length not a multiple of the type's block size -> next type to try (llama.cpp's
+# llama-quant.cpp table, with Q4_0 for Q2_K/Q3_K as before IQ4_NL, which gguf-py cannot
+# write); legacy types fall back to F16 as ComfyUI-GGUF's patch forces.
+FALLBACK: dict[str, str] = {
+    "Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
+    "Q8_0": "F16", "Q5_1": "F16", "Q5_0": "F16", "Q4_1": "F16", "Q4_0": "F16",
+}  # fmt: skip
+
+HIGH_PRECISION = "F32"
+
+# llama.cpp's general.file_type values (gguf.LlamaFileType), so planning needs no gguf import.
+FILE_TYPES: dict[str, int] = {
+    "F16": 1, "BF16": 32, "Q8_0": 7, "Q6_K": 18, "Q5_K_M": 17, "Q5_K_S": 16, "Q5_1": 9,
+    "Q5_0": 8, "Q4_K_M": 15, "Q4_K_S": 14, "Q4_1": 3, "Q4_0": 2, "Q3_K_M": 12, "Q3_K_S": 11,
+    "Q2_K": 10,
+}  # fmt: skip
+
+ARCH = {"transformer": "flux", "text_encoder_2": "t5encoder"}
+FILE_PREFIX = {"transformer": "flux1", "text_encoder_2": "t5xxl"}
+LAYOUTS = ("bfl", "diffusers")
+
+# Rows per work unit: the largest whole number of rows within this many elements.
+CHUNK_ELEMENTS = 1 << 22
+
+_DTYPE_TO_TYPE = {"F32": "F32", "F16": "F16", "BF16": "BF16"}
+
+
+def _action(target: str) -> str:
+    return CAST if target in FLOAT_TYPES else QUANTIZE
+
+
+def _small_rules() -> tuple[Rule, ...]:
+    return (
+        Rule(r"", CAST, "F32", when=("1d",), reason="1-D tensor (bias, norm scale): F32"),
+        Rule(r"", CAST, "F32", when=("small",), reason="at most 1024 elements: F32"),
+    )
+
+
+# Output-name patterns per layout.
+_HIGH_PRECISION = {
+    "bfl": r"^(img_in|txt_in|time_in|vector_in|guidance_in|final_layer)\.",
+    "diffusers": r"^(x_embedder|context_embedder|time_text_embed|proj_out|norm_out)\.",
+}
+_MORE_BITS = {
+    "bfl": r"\.(img_attn|txt_attn)\.qkv\.weight$|\.(img_mlp|txt_mlp)\.2\.weight$"
+    r"|^single_blocks\.\d+\.linear2\.weight$",
+    "diffusers": r"\.attn\.(to_v|add_v_proj)\.weight$|\.(ff|ff_context)\.net\.2\.weight$"
+    r"|^single_transformer_blocks\.\d+\.proj_out\.weight$",
+    "t5": r"\.(attn_v|ffn_down)\.weight$",
+}
+
+
+def transformer_policy(scheme: str, layout: str = "bfl") -> Policy:
+    """Policy over the output names of the Flux transformer (BFL or diffusers layout)."""
+    main, more = SCHEME_TYPES[scheme]
+    rules = [
+        *_small_rules(),
+        Rule(_HIGH_PRECISION[layout], CAST, HIGH_PRECISION, reason="input/output layer: high precision"),
+    ]
+    if more:
+        rules.append(Rule(_MORE_BITS[layout], _action(more), more, when=("2d",), reason=f"{scheme} mix: one step up"))
+    rules.append(Rule(r"\.weight$", _action(main), main, when=("2d",), reason=f"{scheme} weight"))
+    return Policy(tuple(rules), default=Rule(r"", KEEP, reason="not a 2-D weight: source dtype"))
+
+
+def embedding_type(scheme: str) -> str:
+    main, _ = SCHEME_TYPES[scheme]
+    return main if main in ("F16", "BF16", "Q8_0") else "Q6_K"
+
+
+def t5_policy(scheme: str) -> Policy:
+    """Policy over llama.cpp T5 tensor names."""
+    main, more = SCHEME_TYPES[scheme]
+    emb = embedding_type(scheme)
+    rules = [
+        *_small_rules(),
+        Rule(r"\.attn_rel_b\.weight$", CAST, "F32", reason="relative attention bias: never quantized"),
+        Rule(r"^token_embd\.weight$", _action(emb), emb, when=("2d",), reason="token embedding"),
+    ]
+    if more:
+        rules.append(Rule(_MORE_BITS["t5"], _action(more), more, when=("2d",), reason=f"{scheme} mix: one step up"))
+    rules.append(Rule(r"\.weight$", _action(main), main, when=("2d",), reason=f"{scheme} weight"))
+    return Policy(tuple(rules), default=Rule(r"", KEEP, reason="not a 2-D weight: source dtype"))
+
+
+def resolve_type(target: str, shape: tuple[int, ...]) -> str:
+    """``target``, or its fallback when the row length is not a multiple of its block size."""
+    row = shape[-1] if shape else 1
+    while TYPE_SIZES[target][0] > 1 and row % TYPE_SIZES[target][0] != 0:
+        target = FALLBACK[target]
+    return target
+
+
+def type_nbytes(ggml_type: str, shape: tuple[int, ...]) -> int:
+    block, size = TYPE_SIZES[ggml_type]
+    numel = 1
+    for d in shape:
+        numel *= d
+    return numel // block * size
+
+
+# --- names -------------------------------------------------------------------------------------
+
+_T5_BLOCK = {
+    "layer.0.SelfAttention.q": "attn_q",
+    "layer.0.SelfAttention.k": "attn_k",
+    "layer.0.SelfAttention.v": "attn_v",
+    "layer.0.SelfAttention.o": "attn_o",
+    "layer.0.SelfAttention.relative_attention_bias": "attn_rel_b",
+    "layer.0.layer_norm": "attn_norm",
+    "layer.1.DenseReluDense.wi": "ffn_up",  # T5 v1.0 (not gated)
+    "layer.1.DenseReluDense.wi_0": "ffn_gate",
+    "layer.1.DenseReluDense.wi_1": "ffn_up",
+    "layer.1.DenseReluDense.wo": "ffn_down",
+    "layer.1.layer_norm": "ffn_norm",
+}
+_T5_TOP = {
+    "shared.weight": "token_embd.weight",
+    "encoder.embed_tokens.weight": "token_embd.weight",
+    "encoder.final_layer_norm.weight": "enc.output_norm.weight",
+}
+_T5_BLOCK_RE = re.compile(r"^encoder\.block\.(\d+)\.(.+)\.(weight|bias)$")
+
+
+def t5_gguf_name(name: str) -> str | None:
+    """llama.cpp name of a transformers T5 encoder tensor (None if it has none)."""
+    if name in _T5_TOP:
+        return _T5_TOP[name]
+    m = _T5_BLOCK_RE.match(name)
+    if m and m.group(2) in _T5_BLOCK:
+        return f"enc.blk.{m.group(1)}.{_T5_BLOCK[m.group(2)]}.{m.group(3)}"
+    return None
+
+
+def short_name(identity: dict[str, Any], root: Path | None = None) -> str:
+    """``<name>`` of the output files, from the source identity (see the module docstring)."""
+    kind = identity.get("kind")
+    if kind == "builtin":
+        raw = str(identity.get("name", "model"))
+    elif kind == "hub":
+        raw = str(identity.get("repo_id", "model")).split("/")[-1]
+    elif kind == "bfl":
+        raw = Path(str(identity.get("file", "model"))).stem
+    else:
+        raw = Path(str(identity.get("path") or root or "model")).name
+    name = re.sub(r"[^a-z0-9._-]+", "-", raw.lower()).strip("-.")
+    name = re.sub(r"^flux(?:[._-]?1)?[._-]+(?=[a-z0-9])", "", name)
+    return name or "model"
+
+
+def _natural_key(name: str) -> list[Any]:
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
+
+
+# --- encoding (runs in workers) -------------------------------------------------------------------
+
+
+def _to_f32(raw: np.ndarray, src: str) -> np.ndarray:
+    if src == "BF16":
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return np.ascontiguousarray(raw, dtype=np.float32)
+
+
+def encode_array(raw: np.ndarray, src: str, target: str) -> np.ndarray:
+    """Encode rows of a source tensor as GGML type ``target``.
+
+    ``raw`` holds the source values: float32 or float16, or bfloat16 as uint16 bits. The
+    result's bytes are the tensor data exactly as GGUF stores it.
+    """
+    if target == src:
+        return np.ascontiguousarray(raw)
+    if target == "BF16" and src != "BF16":
+        import gguf
+
+        return gguf.quants.quantize(_to_f32(raw, src), gguf.GGMLQuantizationType.BF16)
+    x = _to_f32(raw, src)
+    if target == "F32":
+        return x
+    if target == "F16":
+        return x.astype(np.float16)
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[target]
+    if target in K_TYPES:
+        from .kquants import quantize_kquant
+
+        return quantize_kquant(x, qtype)
+    return gguf.quants.quantize(x, qtype)
+
+
+def encode_unit(
+    raw: np.ndarray, src: str, target: str, name: str = "", check: Callable[[str, Any], None] | None = None
+) -> np.ndarray:
+    """One work unit: optionally check the rows (torch view, no copy), then encode them."""
+    if check is not None:
+        import torch
+
+        t = torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16) if src == "BF16" else torch.from_numpy(raw)
+        check(name, t)
+    return encode_array(raw, src, target)
+
+
+def _raw_numpy(tensor: Any) -> tuple[np.ndarray, str]:
+    """A torch tensor's values as numpy without a copy (bfloat16 as uint16 bits)."""
+    import torch
+
+    t = tensor.detach().contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(np.uint16), "BF16"
+    if t.dtype == torch.float16:
+        return t.numpy(), "F16"
+    if t.dtype == torch.float32:
+        return t.numpy(), "F32"
+    raise InputError(f"tensor of dtype {t.dtype} cannot be written to GGUF", hint="convert from a float checkpoint")
+
+
+class _Streamed:
+    """Duck-typed array for ``GGUFWriter.write_tensor_data``: writes chunks as they finish."""
+
+    def __init__(self, nbytes: int, chunks: Iterator[np.ndarray]) -> None:
+        self.nbytes = nbytes
+        self._chunks = chunks
+        self.written = 0
+
+    def tofile(self, fh: Any) -> None:
+        for arr in self._chunks:
+            arr.tofile(fh)
+            self.written += arr.nbytes
+
+
+@dataclass
+class _Job:
+    index: int  # tensor index in the plan
+    future: Future
+
+
+# --- backend ---------------------------------------------------------------------------------------
+
+
+class GGUFBackend(Backend):
+    name = "gguf"
+    package = "gguf"
+    extra = "gguf"
+    layout = "gguf"
+    schemes: ClassVar[dict[str, str]] = {
+        "F16": "float16 (1-D and small tensors F32)",
+        "BF16": "bfloat16 (1-D and small tensors F32)",
+        "Q8_0": "8-bit, blocks of 32",
+        "Q6_K": "6.56-bit K-quant",
+        "Q5_K_M": "Q5_K, attention qkv/v and MLP down in Q6_K",
+        "Q5_K_S": "5.5-bit K-quant",
+        "Q5_1": "5-bit + min, blocks of 32",
+        "Q5_0": "5-bit, blocks of 32",
+        "Q4_K_M": "Q4_K, attention qkv/v and MLP down in Q5_K",
+        "Q4_K_S": "4.5-bit K-quant",
+        "Q4_1": "4-bit + min, blocks of 32",
+        "Q4_0": "4-bit, blocks of 32",
+        "Q3_K_M": "Q3_K, attention qkv/v and MLP down in Q4_K",
+        "Q3_K_S": "3.44-bit K-quant",
+        "Q2_K": "2.63-bit K-quant",
+    }
+
+    def __init__(self, scheme: str, **options: Any) -> None:
+        if scheme not in self.schemes:
+            unsupported = scheme.upper().startswith(("IQ", "TQ", "MXFP", "NVFP", "Q1_", "Q8_1", "Q8_K"))
+            raise UsageError(
+                f"gguf scheme {scheme!r} is not supported (diffusers cannot load it or it cannot be written here)"
+                if unsupported
+                else f"unknown gguf scheme {scheme!r}",
+                hint=f"choose one of: {', '.join(self.schemes)}",
+            )
+        super().__init__(scheme, **options)
+        layout = options.get("layout") or "bfl"
+        if layout not in LAYOUTS:
+            raise UsageError(f"unknown gguf layout {layout!r}", hint="choose bfl or diffusers")
+        self.gguf_layout = layout
+        jobs = options.get("jobs")
+        if jobs is not None and int(jobs) < 1:
+            raise UsageError(f"--jobs must be at least 1 (got {jobs})")
+        self.jobs = int(jobs) if jobs else (os.cpu_count() or 1)
+        # "thread" (default) or "process": where chunks are encoded.
+        self.pool = str(options.get("pool") or os.environ.get("QCONVERT_GGUF_POOL") or "thread")
+        if self.pool not in ("thread", "process"):
+            raise UsageError(f"unknown pool {self.pool!r}", hint="thread or process")
+
+    # --- planning -----------------------------------------------------------------------------
+
+    def policy(self, component: str, facts: ModelFacts | None = None) -> Policy:
+        if component == "transformer":
+            return transformer_policy(self.scheme, self.gguf_layout)
+        return t5_policy(self.scheme)
+
+    def estimate_bytes(self, rule: Rule, tensor: SourceTensor) -> int:
+        return type_nbytes(self.target_type(rule, tensor.dtype, tensor.shape), tensor.shape)
+
+    @staticmethod
+    def target_type(rule: Rule, dtype: str, shape: tuple[int, ...]) -> str:
+        if rule.action == KEEP:
+            if dtype not in _DTYPE_TO_TYPE:
+                raise InputError(f"a {dtype} tensor cannot be written to GGUF", hint="convert from a float checkpoint")
+            return _DTYPE_TO_TYPE[dtype]
+        return resolve_type(str(rule.target), shape)
+
+    def output_tensors(self, comp: Component, facts: ModelFacts | None = None) -> dict[str, tuple[SourceTensor, bool]]:
+        """Output name -> (lazy source tensor, is a Linear weight), in file order."""
+        linear = facts.linear_weights if facts else set()
+        out: dict[str, tuple[SourceTensor, bool]] = {}
+        if comp.name == "transformer" and self.gguf_layout == "bfl":
+            shapes = {n: t.shape for n, t in comp.tensors.items()}
+            try:
+                recipes = flux.diffusers_to_bfl(shapes)
+            except KeyError as e:
+                raise NotAFluxModel(f"transformer: {e.args[0]}") from None
+            headers: dict[Path, dict[str, Any]] = {}
+            for bfl in sorted(recipes, key=_natural_key):
+                recipe = recipes[bfl]
+                parts = [comp.tensors[s.key] for s in recipe]
+                dtypes = {p.dtype for p in parts}
+                if len(dtypes) != 1:
+                    raise InputError(f"transformer: the parts of {bfl} have different dtypes {sorted(dtypes)}")
+                segs: list[FileSegment] = []
+                rows = 0
+                for s in recipe:
+                    t = comp.tensors[s.key]
+                    lo = s.start or 0
+                    hi = t.shape[0] if s.stop is None else s.stop
+                    segs.extend(_slice_segments(t, lo, hi, headers))
+                    rows += hi - lo
+                shape = (rows, *parts[0].shape[1:])
+                tensor = SourceTensor(bfl, shape, parts[0].dtype, tuple(_merge_segments(segs, headers)))
+                out[bfl] = (tensor, all(s.key in linear for s in recipe))
+            return out
+        if comp.name == "transformer":
+            for name in sorted(comp.tensors, key=_natural_key):
+                out[name] = (comp.tensors[name], name in linear)
+            return out
+        # T5 encoder
+        names = set(comp.tensors)
+        for name in sorted(names):
+            if name == "encoder.embed_tokens.weight" and "shared.weight" in names:
+                continue  # tied to shared.weight
+            g = t5_gguf_name(name)
+            if g is None:
+                raise NotAFluxModel(
+                    f"text_encoder_2: tensor {name} is not part of a T5 encoder",
+                    hint="the GGUF backend converts T5EncoderModel text encoders",
+                )
+            out[g] = (comp.tensors[name], name in linear)
+        return dict(sorted(out.items(), key=lambda kv: _natural_key(kv[0])))
+
+    def plan_component(self, comp: Component, facts: ModelFacts) -> ComponentPlan:
+        policy = self.policy(comp.name, facts)
+        plans = []
+        for out_name, (t, is_linear) in self.output_tensors(comp, facts).items():
+            rule = policy.decide(out_name, t.shape, is_linear_weight=is_linear)
+            target = self.target_type(rule, t.dtype, t.shape)
+            plans.append(
+                TensorPlan(
+                    name=t.name,
+                    shape=t.shape,
+                    dtype=t.dtype,
+                    action=_action(target) if rule.action != KEEP else KEEP,
+                    target=target,
+                    bytes_in=t.nbytes,
+                    bytes_out=type_nbytes(target, t.shape),
+                    out_name=out_name,
+                )
+            )
+        cp = ComponentPlan(comp.name, "quantize", self.scheme, plans)
+        cp.bytes_in = sum(p.bytes_in for p in plans)
+        cp.bytes_out = sum(p.bytes_out for p in plans)
+        return cp
+
+    def output_name(self, component: str, name: str) -> str | None:
+        if component == "text_encoder_2":
+            return t5_gguf_name(name)
+        return name
+
+    def file_name(self, component: str, name: str) -> str:
+        return f"{FILE_PREFIX[component]}-{name}-{self.scheme}.gguf"
+
+    # --- encoding -----------------------------------------------------------------------------
+
+    def encode(self, component: str, plan: TensorPlan, tensor: Any) -> list[tuple[str, Any]]:
+        """One tensor (torch) -> [(GGUF name, numpy array of its GGUF data)] (no streaming)."""
+        raw, src = _raw_numpy(tensor)
+        return [(plan.out_name or plan.name, encode_array(raw, src, str(plan.target)))]
+
+    def metadata(self, component: str, name: str, comp: Component, identity: dict[str, Any]) -> dict[str, Any]:
+        """KV pairs besides general.architecture: key -> (value, gguf value type name)."""
+        src = {k: v for k, v in identity.items() if k != "path"}
+        if "path" in identity:
+            src["folder"] = Path(str(identity["path"])).name
+        kv: dict[str, Any] = {
+            "general.name": (f"{FILE_PREFIX[component]}-{name}", "STRING"),
+            "general.file_type": (FILE_TYPES[self.scheme], "UINT32"),
+            "general.quantization_version": (2, "UINT32"),
+            "qconvert.version": (__version__, "STRING"),
+            "qconvert.scheme": (self.scheme, "STRING"),
+            "qconvert.source": (json.dumps(src, sort_keys=True), "STRING"),
+        }
+        if component == "transformer":
+            kv["qconvert.layout"] = (self.gguf_layout, "STRING")
+            return kv
+        cfg = comp.config
+        arch = ARCH[component]
+        d_kv = int(cfg.get("d_kv", 64))
+        eps = float(cfg.get("layer_norm_epsilon", 1e-6))
+        kv.update(
+            {
+                f"{arch}.context_length": (int(cfg.get("n_positions", 512)), "UINT32"),
+                f"{arch}.embedding_length": (int(cfg["d_model"]), "UINT32"),
+                f"{arch}.feed_forward_length": (int(cfg["d_ff"]), "UINT32"),
+                f"{arch}.block_count": (int(cfg["num_layers"]), "UINT32"),
+                f"{arch}.attention.head_count": (int(cfg["num_heads"]), "UINT32"),
+                f"{arch}.attention.key_length": (d_kv, "UINT32"),
+                f"{arch}.attention.value_length": (d_kv, "UINT32"),
+                f"{arch}.attention.layer_norm_epsilon": (eps, "FLOAT32"),
+                f"{arch}.attention.layer_norm_rms_epsilon": (eps, "FLOAT32"),
+                f"{arch}.attention.relative_buckets_count": (
+                    int(cfg.get("relative_attention_num_buckets", 32)),
+                    "UINT32",
+                ),
+                f"{arch}.vocab_size": (int(cfg["vocab_size"]), "UINT32"),
+            }
+        )
+        if cfg.get("decoder_start_token_id") is not None:
+            kv[f"{arch}.decoder_start_token_id"] = (int(cfg["decoder_start_token_id"]), "UINT32")
+        return kv
+
+    # --- writing ------------------------------------------------------------------------------
+
+    def write_output(
+        self,
+        source: Any,
+        plan: Any,
+        facts: dict[str, Any],
+        tmp: Path,
+        reader: Any,
+        progress: ProgressFn,
+        check_tensor: Callable[[str, Any], None],
+        seconds: dict[str, float],
+    ) -> dict[str, list[Path]]:
+        from . import copy_license_files
+
+        name = short_name(source.identity, source.root)
+        written: dict[str, list[Path]] = {}
+        executor = self._executor()
+        try:
+            for cp in plan.components:
+                if cp.action != "quantize":
+                    continue  # GGUF output holds only the converted components
+                t0 = time.perf_counter()
+                comp = source.components[cp.name]
+                path = tmp / self.file_name(cp.name, name)
+                self.write_gguf(path, comp, cp, facts.get(cp.name), source.identity, name, reader, progress, check_tensor, executor)
+                written[cp.name] = [path]
+                seconds[cp.name] = time.perf_counter() - t0
+        finally:
+            if executor is not None:
+                executor.shutdown(wait=True, cancel_futures=True)
+        written["_root"] = copy_license_files(source.root, tmp)
+        return written
+
+    def _executor(self) -> Executor | None:
+        if self.jobs <= 1:
+            return None
+        if self.pool == "process":
+            import multiprocessing as mp
+
+            return ProcessPoolExecutor(self.jobs, mp_context=mp.get_context("spawn"))
+        return ThreadPoolExecutor(self.jobs, thread_name_prefix="gguf")
+
+    def write_gguf(
+        self,
+        path: Path,
+        comp: Component,
+        cp: ComponentPlan,
+        facts: ModelFacts | None,
+        identity: dict[str, Any],
+        name: str,
+        reader: Any,
+        progress: ProgressFn,
+        check_tensor: Callable[[str, Any], None],
+        executor: Executor | None,
+    ) -> None:
+        import gguf
+
+        sources = {out: t for out, (t, _) in self.output_tensors(comp, facts).items()}
+        plans = list(cp.tensors)
+        writer = gguf.GGUFWriter(path=None, arch=ARCH[comp.name])
+        for key, (value, vtype) in self.metadata(comp.name, name, comp, identity).items():
+            writer.add_key_value(key, value, gguf.GGUFValueType[vtype])
+        for tp in plans:
+            writer.add_tensor_info(
+                str(tp.out_name),
+                tp.shape,
+                np.dtype(np.float32),
+                tp.bytes_out,
+                raw_dtype=gguf.GGMLQuantizationType[str(tp.target)],
+            )
+        writer.write_header_to_file(path=path)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        try:
+            limit = self.jobs + 1
+            pending: deque[_Job] = deque()
+            units = self._units(plans, sources, reader, check_tensor)
+
+            def top_up() -> None:
+                while len(pending) < limit:
+                    item = next(units, None)
+                    if item is None:
+                        return
+                    index, fn, args = item
+                    if executor is None:
+                        fut: Future = Future()
+                        fut.set_result(fn(*args))
+                    else:
+                        fut = executor.submit(fn, *args)
+                    pending.append(_Job(index, fut))
+
+            def chunks_of(index: int) -> Iterator[np.ndarray]:
+                while True:
+                    top_up()
+                    if not pending or pending[0].index != index:
+                        return
+                    job = pending.popleft()
+                    yield job.future.result()
+
+            for i, tp in enumerate(plans):
+                stream = _Streamed(tp.bytes_out, chunks_of(i))
+                writer.write_tensor_data(stream)  # type: ignore[arg-type]
+                if stream.written != tp.bytes_out:
+                    raise RuntimeError(f"{tp.out_name}: wrote {stream.written} bytes, planned {tp.bytes_out}")
+                progress(tp.bytes_in)
+        finally:
+            writer.close()
+
+    def _units(
+        self,
+        plans: list[TensorPlan],
+        sources: dict[str, SourceTensor],
+        reader: Any,
+        check_tensor: Callable[[str, Any], None],
+    ) -> Iterator[tuple[int, Callable[..., np.ndarray], tuple[Any, ...]]]:
+        """Work units in file order: (tensor index, function, arguments), loading lazily.
+
+        Big tensors are read in row chunks of about ``CHUNK_ELEMENTS`` (only those rows leave
+        the mmapped file). With threads the finiteness check runs per chunk in the workers
+        (in parallel); a process pool gets plain arrays, so the main process checks them.
+        """
+        in_workers = self.pool == "thread"
+        import inspect
+
+        by_rows = "rows" in inspect.signature(reader.load).parameters
+        for i, tp in enumerate(plans):
+            src_tensor = sources[str(tp.out_name)]
+            shape = src_tensor.shape
+            n = shape[0] if len(shape) > 1 else 1
+            step = max(1, CHUNK_ELEMENTS // max(shape[-1], 1)) if len(shape) > 1 else 1
+            whole = None if by_rows and n > step else reader.load(src_tensor)
+            for r in range(0, n, step):
+                if whole is None:
+                    part = reader.load(src_tensor, rows=(r, min(r + step, n)))
+                else:
+                    part = whole[r : r + step] if len(shape) > 1 else whole
+                if not in_workers:
+                    check_tensor(tp.name, part)
+                raw, src = _raw_numpy(part)
+                del part
+                if raw.ndim == 0:
+                    raw = raw.reshape(1)
+                args = (raw, src, str(tp.target), tp.name, check_tensor if in_workers else None)
+                yield i, encode_unit, args
+            del whole
+
+
+# --- segment helpers -------------------------------------------------------------------------------
+
+
+def _file_rows(path: Path, key: str, headers: dict[Path, dict[str, Any]]) -> int:
+    if path not in headers:
+        headers[path] = read_safetensors_header(path)[0]
+    return headers[path][key].shape[0]
+
+
+def _slice_segments(t: SourceTensor, start: int, stop: int, headers: dict[Path, dict[str, Any]]) -> list[FileSegment]:
+    """Rows [start, stop) of a lazy tensor as file segments."""
+    out = []
+    pos = 0
+    for seg in t.segments:
+        lo = seg.start or 0
+        hi = _file_rows(seg.path, seg.key, headers) if seg.stop is None else seg.stop
+        n = hi - lo
+        a, b = max(start, pos), min(stop, pos + n)
+        if a < b:
+            out.append(FileSegment(seg.path, seg.key, lo + a - pos, lo + b - pos))
+        pos += n
+    return out
+
+
+def _merge_segments(segs: list[FileSegment], headers: dict[Path, dict[str, Any]]) -> list[FileSegment]:
+    """Join contiguous pieces of the same file tensor; a whole tensor gets open bounds."""
+    merged: list[FileSegment] = []
+    for s in segs:
+        if merged and merged[-1].path == s.path and merged[-1].key == s.key and merged[-1].stop == s.start:
+            merged[-1] = FileSegment(s.path, s.key, merged[-1].start, s.stop)
+        else:
+            merged.append(s)
+    out = []
+    for s in merged:
+        if s.start == 0 and s.stop == _file_rows(s.path, s.key, headers):
+            s = FileSegment(s.path, s.key)
+        out.append(s)
+    return out
