@@ -62,24 +62,25 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, HeaderEntry], dict[st
     """
     path = Path(path)
     size = path.stat().st_size
+    label = f"{path.parent.name}/{path.name}"
     with open(path, "rb") as fh:
         raw = fh.read(8)
         if len(raw) < 8:
-            raise CorruptCheckpoint(f"{path.name} is not a safetensors file (too short)")
+            raise CorruptCheckpoint(f"{label} is not a safetensors file (too short)")
         (n,) = struct.unpack("<Q", raw)
-        if n <= 1 or n > _MAX_HEADER or 8 + n > size:
+        if n <= 1 or n > _MAX_HEADER:
             raise CorruptCheckpoint(
-                f"{path.name} is not a valid safetensors file (bad header length)",
+                f"{label} is not a valid safetensors file (bad header length)",
                 hint="re-download it",
             )
+        if 8 + n > size:
+            raise CorruptCheckpoint(f"{label} is truncated (its header is incomplete)", hint="re-download it")
         try:
             header = json.loads(fh.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError):
-            raise CorruptCheckpoint(
-                f"{path.name} has a corrupt safetensors header", hint="re-download it"
-            ) from None
+            raise CorruptCheckpoint(f"{label} has a corrupt safetensors header", hint="re-download it") from None
     if not isinstance(header, dict):
-        raise CorruptCheckpoint(f"{path.name} has a corrupt safetensors header")
+        raise CorruptCheckpoint(f"{label} has a corrupt safetensors header")
     metadata = header.pop("__metadata__", None) or {}
     entries: dict[str, HeaderEntry] = {}
     data_len = size - 8 - n
@@ -88,19 +89,19 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, HeaderEntry], dict[st
         try:
             dtype, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
         except (KeyError, TypeError, ValueError):
-            raise CorruptCheckpoint(f"{path.name}: malformed header entry for {key}") from None
+            raise CorruptCheckpoint(f"{label}: malformed header entry for {key}") from None
         if dtype not in DTYPE_SIZES:
-            raise CorruptCheckpoint(f"{path.name}: tensor {key} has unsupported dtype {dtype}")
+            raise CorruptCheckpoint(f"{label}: tensor {key} has unsupported dtype {dtype}")
         numel = 1
         for d in shape:
             numel *= d
         if end - start != numel * DTYPE_SIZES[dtype]:
-            raise CorruptCheckpoint(f"{path.name}: tensor {key} size does not match its shape")
+            raise CorruptCheckpoint(f"{label}: tensor {key} size does not match its shape")
         end_max = max(end_max, end)
         entries[key] = HeaderEntry(dtype, shape)
     if end_max > data_len:
         raise CorruptCheckpoint(
-            f"{path.name} is truncated ({data_len} of {end_max} data bytes present)",
+            f"{label} is truncated ({data_len} of {end_max} data bytes present)",
             hint="re-download it",
         )
     return entries, metadata

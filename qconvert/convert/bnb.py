@@ -204,7 +204,8 @@ class BitsAndBytesBackend(Backend):
         }
         if double:
             size += blocks + 4 * -(-blocks // NESTED_BLOCKSIZE) + 256 * 4
-            meta.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=0.01234567890123456)
+            # nested_offset is the mean absmax; its JSON length varies by a few characters
+            meta.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=0.0519155487418174)
         else:
             size += 4 * blocks
         return size + len(json.dumps(meta))
@@ -233,7 +234,8 @@ class BitsAndBytesBackend(Backend):
             return [(name, q)] + [(f"{name}.{k}", v) for k, v in state.as_dict(packed=True).items()]
         prefix = name.removesuffix(".weight")
         cb, scb, _ = F.int8_vectorwise_quant(w.to(torch.float16))
-        return [(name, cb), (f"{prefix}.SCB", scb), (f"{prefix}.weight_format", torch.tensor(0, dtype=torch.uint8))]
+        weight_format = torch.tensor(0, dtype=torch.uint8)  # 0 = row-major, the only format bnb writes now
+        return [(name, cb), (f"{prefix}.SCB", scb), (f"{prefix}.weight_format", weight_format)]
 
     def encode(self, component: str, plan: TensorPlan, tensor: Any) -> list[tuple[str, Any]]:
         if plan.action != QUANTIZE:

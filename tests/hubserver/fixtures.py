@@ -8,7 +8,10 @@ tests: ``endpoint``, ``token`` (write token of user ``alice``, member of org ``a
 create_repo: the initial .gitattributes commit), ``commits(repo_id)``, ``files(repo_id)``,
 ``read_file(repo_id, path)``, ``lfs_objects(repo_id)``, ``head(repo_id)``,
 ``fail_next(path_substring, status=500 | "drop", times=1, method=None) -> Fault``,
-``clear_faults()``, ``count_requests(method=None, substring="")``, ``requests``, ``errors``.
+``clear_faults()``, ``count_requests(method=None, substring="")``, ``requests``, ``errors``
+(server-side tracebacks; the fixture fails at session end if any), ``create_repo(...)`` and
+``delete_repo(...)`` (server-side, no token), ``multipart_chunk_size`` (monkeypatch it to make
+LFS uploads above that size multipart).
 The server is shared by the whole session: use a fresh repo name per test
 (``unique_repo``-style, e.g. ``f"alice/{request.node.name}"``).
 
@@ -37,6 +40,8 @@ def hub(tmp_path_factory):
         yield server
     finally:
         server.stop()
+    # an exception inside the server is a bug of the test Hub, not of the code under test
+    assert not server.errors, "test hub raised:\n" + "\n".join(server.errors)
 
 
 @pytest.fixture
@@ -66,6 +71,9 @@ def hub_env(hub, monkeypatch, tmp_path_factory):
         return
     patches = {
         "ENDPOINT": hub.endpoint,
+        # built from ENDPOINT at import; hf_hub_url() only swaps in an explicit endpoint= when
+        # this template starts with constants.ENDPOINT, so both must move together
+        "HUGGINGFACE_CO_URL_TEMPLATE": hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}",
         "HF_HUB_DISABLE_XET": True,
         "HF_HUB_OFFLINE": False,
         "HF_HOME": str(hf_home),
@@ -85,4 +93,7 @@ def hub_env(hub, monkeypatch, tmp_path_factory):
     if hasattr(hf_api, "api"):
         monkeypatch.setattr(hf_api.api, "endpoint", hub.endpoint)
     os.makedirs(hub_cache, exist_ok=True)
-    yield hub
+    try:
+        yield hub
+    finally:
+        hub.clear_faults()  # a fault a test scheduled but never triggered must not leak

@@ -84,6 +84,10 @@ the same way as far as the client can tell):
 * Settings read at import by huggingface_hub (``HF_ENDPOINT``, ``HF_HUB_DISABLE_XET``,
   ``HF_HUB_OFFLINE``, ``HF_HOME`` and the cache paths) must be patched in
   ``huggingface_hub.constants`` when the library is already imported: see ``fixtures.hub_env``.
+  ``constants.HUGGINGFACE_CO_URL_TEMPLATE`` is built from ``ENDPOINT`` at import too, and
+  ``hf_hub_url`` only substitutes an explicit ``endpoint=`` when the template starts with
+  ``constants.ENDPOINT``: patching ENDPOINT alone sends every file HEAD to huggingface.co.
+  ``HF_HUB_DISABLE_PROGRESS_BARS`` is also read at import (env only reaches subprocesses).
 
 Test hooks: ``commit_count(repo_id)``, ``commits(repo_id)``, ``files(repo_id)``,
 ``read_file(repo_id, path)``, ``lfs_objects(repo_id)``, ``seed_repo(repo_id, folder)``,
@@ -116,12 +120,12 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import parse_qs, quote, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 try:  # package import (tests) or script run (python tests/hubserver/server.py)
-    from .gitstore import GitRepo, TreeEntry, git_blob_oid, lfs_pointer
+    from .gitstore import GitRepo, lfs_pointer
 except ImportError:  # pragma: no cover
-    from gitstore import GitRepo, TreeEntry, git_blob_oid, lfs_pointer  # type: ignore
+    from gitstore import GitRepo, lfs_pointer  # type: ignore
 
 import yaml
 
@@ -885,7 +889,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def send_json(self, obj: Any, status: int = 200, headers: dict | None = None):
-        self._send(status, _json_bytes(obj), headers)
+        headers = dict(headers or {})
+        ctype = headers.pop("Content-Type", "application/json")
+        self._send(status, _json_bytes(obj), headers, content_type=ctype)
 
     def _send_error(self, e: HubError, close: bool = False):
         headers = {"X-Error-Message": e.message.replace("\n", " ")[:500]}
@@ -1175,7 +1181,7 @@ class _Handler(BaseHTTPRequestHandler):
                     errors.append({"message": f'"{key}" must be a string'})
             rel = data.get("base_model_relation")
             if rel is not None and rel not in ("adapter", "merge", "quantized", "finetune"):
-                errors.append({"message": f'"base_model_relation" must be one of adapter, merge, quantized, finetune'})
+                errors.append({"message": '"base_model_relation" must be one of adapter, merge, quantized, finetune'})
         if errors:
             raise HubError(400, "Invalid metadata in README.md", extra={"errors": errors, "warnings": []})
         self.send_json({"errors": [], "warnings": []})
@@ -1592,6 +1598,12 @@ def main(argv: list[str] | None = None) -> None:  # pragma: no cover - manual us
     p.add_argument("--port", type=int, default=8765)
     p.add_argument("--root", default=None, help="storage folder (default: a temporary one, removed on exit)")
     args = p.parse_args(argv)
+    import signal
+
+    def _interrupt(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _interrupt)
     hub = HubServer(root=args.root, port=args.port).start()
     print(f"endpoint: {hub.endpoint}")
     for tok, u in hub.tokens.items():

@@ -1,0 +1,112 @@
+"""The CLI as a user runs it: help, demo, determinism, dry run, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import assert_one_line_error, run_cli, tree_hashes
+
+
+def test_help_is_fast_and_imports_no_torch():
+    code = (
+        "import sys\n"
+        "from qconvert.cli import main\n"
+        "for argv in (['--help'], ['flux', '--help']):\n"
+        "    try:\n"
+        "        main(argv)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'huggingface_hub') if m in sys.modules]\n"
+        "print('HEAVY', heavy)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "HEAVY []" in out
+    assert "Examples:" in out and "qconvert flux --source tiny-flux" in out
+
+
+def test_demo_then_determinism(tmp_path, tiny_path):
+    a = run_cli("flux", "--source", "tiny-flux", "--backend", "torchao", "--scheme", "int8wo", "--out", str(tmp_path / "a"))
+    assert a.returncode == 0, a.stderr
+    assert "transformer" in a.stdout and "int8wo" in a.stdout
+    b = run_cli("-q", "flux", "--source", "tiny-flux", "--backend", "torchao", "--scheme", "int8wo",
+                "--out", str(tmp_path / "b"))
+    assert b.returncode == 0, b.stderr
+    assert tree_hashes(tmp_path / "a") == tree_hashes(tmp_path / "b")
+    # no temporary folders are left beside the output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]
+
+
+def test_json_summary_and_overwrite(tmp_path, tiny_path):
+    out = tmp_path / "o"
+    args = ("flux", "--source", "tiny-flux", "--backend", "torchao", "--scheme", "fp8wo", "--out", str(out), "--json")
+    first = run_cli(*args)
+    assert first.returncode == 0, first.stderr
+    summary = json.loads(first.stdout)
+    assert summary["components"]["transformer"]["scheme"] == "fp8wo"
+    assert summary["bytes_out"] < summary["bytes_in"]
+    again = run_cli(*args)
+    assert_one_line_error(again, code=2, contains="--overwrite")
+    assert run_cli(*args, "--overwrite").returncode == 0
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, tiny_path):
+    p = run_cli("-v", "flux", "--source", "tiny-flux", "--backend", "torchao", "--scheme", "int8wo",
+                "--out", str(tmp_path / "x"), "--dry-run")
+    assert p.returncode == 0, p.stderr
+    assert "transformer_blocks.0.attn.to_q.weight" in p.stdout and "quantize -> int8wo" in p.stdout
+    assert "text_encoder_2" in p.stdout and "copy" in p.stdout
+    assert not (tmp_path / "x").exists()
+    j = run_cli("flux", "--source", "tiny-flux", "--backend", "torchao", "--scheme", "int8wo", "--dry-run", "--json")
+    plan = json.loads(j.stdout)
+    assert {c["name"] for c in plan["components"]} >= {"transformer", "text_encoder_2", "vae"}
+
+
+def _sd_folder(tmp_path):
+    d = tmp_path / "sd"
+    d.mkdir()
+    (d / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    return d
+
+
+def _truncated(tmp_path, tiny_path):
+    d = tmp_path / "trunc"
+    shutil.copytree(tiny_path, d)
+    f = d / "transformer" / "diffusion_pytorch_model.safetensors"
+    f.write_bytes(f.read_bytes()[:5000])
+    return d
+
+
+BAD = {
+    "missing path": (lambda tp, tiny: ["--source", str(tp / "nope")], 3, "not found"),
+    "sd pipeline": (lambda tp, tiny: ["--source", str(_sd_folder(tp))], 3, "Stable Diffusion"),
+    "truncated": (lambda tp, tiny: ["--source", str(_truncated(tp, tiny))], 3, "truncated"),
+    "unknown scheme": (lambda tp, tiny: ["--source", "tiny-flux", "--scheme", "int3"], 2, "scheme"),
+    "int4 on cpu": (lambda tp, tiny: ["--source", "tiny-flux", "--scheme", "int4wo"], 3, "CUDA"),
+    "bad component": (lambda tp, tiny: ["--source", "tiny-flux", "--components", "vae"], 2, "components"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_input_is_one_line_and_leaves_nothing(case, tmp_path, tiny_path):
+    import torch
+
+    if case == "int4 on cpu" and torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    make, code, text = BAD[case]
+    args = ["flux", "--backend", "torchao", "--scheme", "int8wo", "--out", str(tmp_path / "out")]
+    extra = make(tmp_path, tiny_path)
+    # later options win in click: append the case's own --scheme/--source
+    proc = run_cli(*args, *extra)
+    assert_one_line_error(proc, code=code, contains=text)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if ".qconvert-tmp-" in p.name]
+
+
+def test_unknown_backend_is_a_usage_error(tmp_path):
+    proc = run_cli("flux", "--source", "tiny-flux", "--backend", "onnx", "--scheme", "x", "--out", str(tmp_path / "o"))
+    assert_one_line_error(proc, code=2, contains="backend")
