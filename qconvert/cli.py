@@ -97,6 +97,7 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
     \b
     Commands:
       flux      convert a Flux pipeline (bnb, torchao or GGUF)
+      validate  load a converted output as a user would, generate, compare
     Run `qconvert COMMAND --help` for examples.
     """
     ctx.obj = State(verbose, quiet, debug)
@@ -116,6 +117,8 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
 @click.option("--max-shard-size", default=None, help="Largest safetensors shard, e.g. 5GB [diffusers: 10GB].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (every component; -v: every tensor) and stop.")
+@click.option("--no-validate", is_flag=True, help="Skip the validation run after converting.")
+@click.option("--device", default=None, help="Validation device: auto, cpu, cuda [auto].")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary on stdout.")
 @click.pass_obj
 def flux(
@@ -133,9 +136,15 @@ def flux(
     max_shard_size: str | None,
     overwrite: bool,
     dry_run: bool,
+    no_validate: bool,
+    device: str | None,
     as_json: bool,
 ) -> None:
-    """Convert a Flux pipeline: quantize the transformer and T5, keep the rest."""
+    """Convert a Flux pipeline: quantize the transformer and T5, keep the rest.
+
+    The output is validated afterwards (load as a user would, generate, compare with the
+    source) unless --no-validate; a failed validation exits 4.
+    """
     from .convert import SCHEMES, parse_components
 
     if scheme not in SCHEMES[backend]:
@@ -200,12 +209,92 @@ def flux(
             for name, c in result.manifest["components"].items()
         },
     }
+    report = None
+    if not no_validate:
+        from .validate import validate
+
+        state.info("validating (load as a user would, generate, compare with the source)")
+        report = validate(result.out, device=device, token=token, endpoint=hub_endpoint())
+        summary["validation"] = {"passed": report.passed, "failed": [c.name for c in report.checks if not c.passed]}
     if as_json:
         click.echo(json.dumps(summary, indent=2))
     elif not state.quiet:
         click.echo(_summary_table(summary))
+        if report is not None:
+            click.echo(report.table())
     else:
         click.echo(str(result.out))
+    if report is not None:
+        from .validate import raise_if_failed
+
+        raise_if_failed(report)
+
+
+@cli.command("validate")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--reference", default=None, help="Reference source [the source recorded in qconvert.json].")
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), default=None, help="Text file, one prompt per line.")
+@click.option("--steps", type=int, default=None, help="Denoising steps [4].")
+@click.option("--size", type=int, default=None, help="Image size in pixels [1024 on CUDA, 32 on CPU].")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the first prompt (+1 per prompt).")
+@click.option("--device", default=None, help="auto, cpu or cuda [auto].")
+@click.option("--thresholds", "thresholds_file", type=click.Path(path_type=Path), default=None, help="TOML file of thresholds.")
+@click.option("--max-memory", default=None, help="Peak memory budget, e.g. 12GiB.")
+@click.option("--max-step-time", type=float, default=None, help="Budget in seconds per denoising step.")
+@click.option("--min-psnr", type=float, default=None, help="Override the scheme's PSNR floor (dB).")
+@click.option("--min-ssim", type=float, default=None, help="Override the scheme's SSIM floor.")
+@click.option("--max-forward-error", type=float, default=None, help="Override the forward relative-error ceiling.")
+@click.option("--min-memory-reduction", type=float, default=None, help="Override the memory-reduction floor.")
+@click.option("--json", "as_json", is_flag=True, help="Print validation.json to stdout.")
+@click.pass_obj
+def validate_cmd(
+    state: State, out: Path, reference: str | None, prompts_file: Path | None, steps: int | None,
+    size: int | None, seed: int, device: str | None, thresholds_file: Path | None, max_memory: str | None,
+    max_step_time: float | None, min_psnr: float | None, min_ssim: float | None,
+    max_forward_error: float | None, min_memory_reduction: float | None, as_json: bool,
+) -> None:
+    """Load OUT as a user would, generate with fixed seeds, measure and compare with the source.
+
+    \b
+    Examples:
+      qconvert validate out/flux-int8
+      qconvert validate out/nf4 --steps 28 --size 1024 --max-memory 12GiB --max-step-time 0.5
+    Writes OUT/validation.json and OUT/samples/; exits 4 naming the first failed check.
+    """
+    from .errors import UsageError
+
+    prompts = None
+    if prompts_file is not None:
+        try:
+            prompts = [p.strip() for p in prompts_file.read_text().splitlines() if p.strip()]
+        except OSError as e:
+            raise UsageError(f"cannot read --prompts {prompts_file}: {e.strerror}") from None
+        if not prompts:
+            raise UsageError(f"--prompts {prompts_file} holds no prompt")
+    overrides: dict[str, Any] = {
+        "min_psnr": min_psnr, "min_ssim": min_ssim, "max_forward_rel_error": max_forward_error,
+        "min_memory_reduction": min_memory_reduction, "max_step_time": max_step_time,
+    }  # fmt: skip
+    if max_memory is not None:
+        from .convert.writers import parse_size
+
+        try:
+            overrides["max_memory"] = parse_size(max_memory)
+        except ValueError:
+            raise UsageError(f"--max-memory {max_memory!r} is not a size", hint="e.g. 12GiB or 500MB") from None
+    _quiet_libraries(state.verbose)
+    from .validate import raise_if_failed, validate
+
+    token = hub_token()
+    report = validate(
+        out, reference=reference, prompts=prompts, steps=steps, size=size, seed=seed, device=device,
+        thresholds_file=thresholds_file, overrides=overrides, token=token, endpoint=hub_endpoint(),
+    )  # fmt: skip
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        click.echo(report.table())
+    raise_if_failed(report)
 
 
 def _summary_table(summary: dict[str, Any]) -> str:

@@ -528,6 +528,7 @@ def _bfl_source(
     identity = {
         "kind": "bfl",
         "file": path.name,
+        "path": str(path.resolve()),
         "sha256": sha256_file(path),
         "base": base_src.identity,
     }

@@ -1,0 +1,505 @@
+"""Validation: load the output exactly as a downstream user would, generate, measure, compare.
+
+``validate(out)`` loads the converted output (``FluxPipeline.from_pretrained`` for pipeline
+folders; ``FluxTransformer2DModel.from_single_file`` + the base pipeline for GGUF), generates
+images for fixed prompts and seeds, measures load time, memory after load, peak memory and
+time per denoising step, then does the same with the reference (the BF16/FP32 source) and
+compares: transformer weight bytes, relative error of one transformer forward on fixed
+inputs, PSNR/SSIM of the images (torchmetrics). Thresholds come from ``thresholds.toml`` per
+backend and scheme, a user file, and flags. Artefacts: ``validation.json``,
+``samples/quantized-<i>.png``, ``samples/reference-<i>.png`` and ``samples/grid.png``.
+
+LPIPS needs network weights (torchvision/VGG) this tool does not download: it is reported as
+skipped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError, UsageError, ValidationFailed
+from .thresholds import Thresholds, load_thresholds
+
+VALIDATION_NAME = "validation.json"
+SAMPLES_DIR = "samples"
+DEFAULT_PROMPTS = (
+    "a photo of a cat sitting on a red car",
+    "a detailed painting of a mountain river at night",
+)
+
+
+@dataclass
+class RunStats:
+    load_s: float = 0.0
+    memory_after_load: int = 0
+    peak_memory: int = 0
+    step_s: float = 0.0
+    generate_s: float = 0.0
+    transformer_bytes: int = 0
+    text_encoder_2_bytes: int = 0
+
+
+@dataclass
+class Check:
+    name: str
+    value: float | None
+    limit: float | None
+    op: str  # ">=" or "<="
+    passed: bool
+    note: str = ""
+
+    def line(self) -> str:
+        v = "n/a" if self.value is None else f"{self.value:.4g}"
+        lim = "" if self.limit is None else f" {self.op} {self.limit:.4g}"
+        return f"{self.name}: {v}{lim}"
+
+
+@dataclass
+class ValidationReport:
+    out: Path
+    passed: bool
+    checks: list[Check]
+    quantized: RunStats
+    reference: RunStats | None
+    quality: dict[str, Any]
+    settings: dict[str, Any]
+    environment: dict[str, Any]
+    thresholds: Thresholds
+    samples: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return {
+            "format": 1,
+            "passed": self.passed,
+            "failed": [c.name for c in self.checks if not c.passed],
+            "checks": [asdict(c) for c in self.checks],
+            "quantized": asdict(self.quantized),
+            "reference": asdict(self.reference) if self.reference else None,
+            "quality": self.quality,
+            "settings": self.settings,
+            "thresholds": self.thresholds.to_dict(),
+            "environment": self.environment,
+            "samples": self.samples,
+        }
+
+    def table(self) -> str:
+        from ..plan import human_bytes
+
+        q, r = self.quantized, self.reference
+        rows = [f"{'':<22}{'quantized':>14}{'reference':>14}"]
+
+        def row(label: str, qv: str, rv: str) -> None:
+            rows.append(f"{label:<22}{qv:>14}{rv:>14}")
+
+        row("transformer weights", human_bytes(q.transformer_bytes), human_bytes(r.transformer_bytes) if r else "-")
+        row("T5 weights", human_bytes(q.text_encoder_2_bytes), human_bytes(r.text_encoder_2_bytes) if r else "-")
+        row("memory after load", human_bytes(q.memory_after_load), human_bytes(r.memory_after_load) if r else "-")
+        row("peak memory", human_bytes(q.peak_memory), human_bytes(r.peak_memory) if r else "-")
+        row("time per step", f"{q.step_s:.4f} s", f"{r.step_s:.4f} s" if r else "-")
+        row("load time", f"{q.load_s:.2f} s", f"{r.load_s:.2f} s" if r else "-")
+        rows.append("")
+        for c in self.checks:
+            rows.append(f"{'PASS' if c.passed else 'FAIL'}  {c.line()}{('  ' + c.note) if c.note else ''}")
+        lp = self.quality.get("lpips")
+        if lp is None:
+            rows.append(f"skip  lpips: {self.quality.get('lpips_note', 'not available')}")
+        rows.append(f"device {self.settings['device']}, {self.settings['steps']} steps at "
+                    f"{self.settings['size']}x{self.settings['size']}, dtype {self.settings['dtype']}")
+        return "\n".join(rows)
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def read_manifest(out: Path) -> dict[str, Any]:
+    from ..convert import MANIFEST_NAME
+
+    path = Path(out) / MANIFEST_NAME
+    if not Path(out).is_dir():
+        raise InputError(f"{out} is not a folder", hint="pass the --out folder of a qconvert conversion")
+    if not path.is_file():
+        raise InputError(f"{out} has no {MANIFEST_NAME}", hint="validate a folder written by `qconvert flux`")
+    return json.loads(path.read_text())
+
+
+def reference_source(manifest: dict[str, Any], spec: str | None, *, token: str | None, endpoint: str | None) -> Any:
+    """The source the output was converted from (or ``spec``), resolved again."""
+    from ..sources import resolve_source
+
+    if spec:
+        return resolve_source(spec, token=token, endpoint=endpoint)
+    ident = manifest["source"]
+    kind = ident.get("kind")
+    if kind == "builtin":
+        return resolve_source(ident["name"])
+    if kind == "local":
+        return resolve_source(ident["path"])
+    if kind == "hub":
+        return resolve_source(ident["repo_id"], revision=ident["revision"], token=token, endpoint=endpoint)
+    if kind == "bfl":
+        base = ident["base"]
+        base_spec = base.get("name") or base.get("path") or base.get("repo_id")
+        return resolve_source(ident["path"], base=base_spec, revision=base.get("revision"), token=token, endpoint=endpoint)
+    raise InputError(f"unknown source kind {kind!r} in the manifest", hint="pass --reference")
+
+
+def source_dtype(source: Any) -> Any:
+    import torch
+
+    dtypes = {t.dtype for t in source.components["transformer"].tensors.values()}
+    return torch.float32 if dtypes == {"F32"} else torch.bfloat16 if "BF16" in dtypes else torch.float16
+
+
+@contextlib.contextmanager
+def _bnb_cpu_if_needed(manifest: dict[str, Any], device: str) -> Any:
+    if manifest.get("backend") == "bnb" and device == "cpu":
+        from ..convert.bnb_cpu import allow_bnb_on_cpu
+
+        with allow_bnb_on_cpu():
+            yield
+    else:
+        yield
+
+
+def load_quantized(out: Path, manifest: dict[str, Any], ref_root: Path, *, dtype: Any, device: str) -> Any:
+    """Load the output the way its card tells users to."""
+    import torch
+    from diffusers import FluxPipeline
+
+    if manifest.get("layout") == "gguf":
+        from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
+
+        ggufs = sorted(Path(out).glob("*.gguf"))
+        flux_files = [p for p in ggufs if not p.name.startswith("t5xxl-")]
+        if not flux_files:
+            raise InputError(f"{out} has no transformer .gguf file")
+        transformer = FluxTransformer2DModel.from_single_file(
+            str(flux_files[0]),
+            quantization_config=GGUFQuantizationConfig(compute_dtype=dtype),
+            config=str(ref_root),
+            subfolder="transformer",
+            dtype=dtype,
+        )
+        parts: dict[str, Any] = {"transformer": transformer}
+        t5_files = [p for p in ggufs if p.name.startswith("t5xxl-")]
+        if t5_files:
+            from transformers import T5Config, T5EncoderModel
+
+            parts["text_encoder_2"] = T5EncoderModel.from_pretrained(
+                str(out), gguf_file=t5_files[0].name,
+                config=T5Config.from_pretrained(ref_root / "text_encoder_2"), dtype=dtype,
+            )  # fmt: skip
+        pipe = FluxPipeline.from_pretrained(ref_root, dtype=dtype, **parts)
+    else:
+        with _bnb_cpu_if_needed(manifest, device):
+            pipe = FluxPipeline.from_pretrained(out, dtype=dtype)
+    if device != "cpu" and manifest.get("backend") != "bnb":
+        pipe.to(device)
+    elif device != "cpu":
+        for name in ("text_encoder", "vae"):
+            getattr(pipe, name).to(device)
+    del torch
+    return pipe
+
+
+def load_reference(source: Any, *, dtype: Any, device: str) -> Any:
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    parts = {}
+    if source.kind == "bfl":
+        parts["transformer"] = FluxTransformer2DModel.from_single_file(
+            source.identity["path"], config=str(source.root), subfolder="transformer", dtype=dtype
+        )
+    pipe = FluxPipeline.from_pretrained(source.root, dtype=dtype, **parts)
+    return pipe.to(device)
+
+
+# --- measuring -----------------------------------------------------------------------------
+
+
+class _Meter:
+    """Memory after load / peak and synchronized timing, on CUDA or CPU."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self._sampler: Any = None
+
+    def sync(self) -> None:
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.synchronize()
+
+    def reset_peak(self) -> None:
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+
+    def current(self) -> int:
+        if self.device.startswith("cuda"):
+            import torch
+
+            return int(torch.cuda.memory_allocated())
+        from ..memory import read_status
+
+        return read_status().get("VmRSS", 0)
+
+    def start_peak(self) -> None:
+        self.reset_peak()
+        if not self.device.startswith("cuda"):
+            from ..memory import PeakSampler
+
+            self._sampler = PeakSampler().__enter__()
+
+    def peak(self) -> int:
+        if self.device.startswith("cuda"):
+            import torch
+
+            return int(torch.cuda.max_memory_allocated())
+        assert self._sampler is not None
+        self._sampler.__exit__(None, None, None)
+        return self._sampler.peak_rss
+
+
+def _generate(pipe: Any, prompts: list[str], *, steps: int, size: int, seed: int, meter: _Meter) -> tuple[Any, float, float]:
+    """Images (N,3,H,W) in [0,1], median seconds per step (first step excluded), total seconds."""
+    import torch
+
+    step_times: list[float] = []
+    last = [0.0]
+
+    def on_step(pipeline: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+        meter.sync()
+        now = time.perf_counter()
+        step_times.append(now - last[0])
+        last[0] = now
+        return kwargs
+
+    images = []
+    t0 = time.perf_counter()
+    for k, prompt in enumerate(prompts):
+        gen = torch.Generator("cpu").manual_seed(seed + k)
+        meter.sync()
+        last[0] = time.perf_counter()
+        out = pipe(
+            prompt, num_inference_steps=steps, height=size, width=size, generator=gen,
+            output_type="pt", callback_on_step_end=on_step, max_sequence_length=64,
+        ).images  # fmt: skip
+        images.append(out.float().cpu())
+    meter.sync()
+    total = time.perf_counter() - t0
+    # exclude each prompt's first step (warm-up: compilation, caches, text encoding)
+    steady = [t for i, t in enumerate(step_times) if i % steps != 0] or step_times
+    steady.sort()
+    return torch.cat(images), steady[len(steady) // 2], total
+
+
+def _run(load: Any, prompts: list[str], *, steps: int, size: int, seed: int, device: str) -> tuple[Any, RunStats, Any]:
+    import gc
+
+    from .metrics import module_bytes
+
+    meter = _Meter(device)
+    gc.collect()
+    before = meter.current()
+    t0 = time.perf_counter()
+    pipe = load()
+    meter.sync()
+    stats = RunStats(load_s=time.perf_counter() - t0)
+    stats.memory_after_load = max(0, meter.current() - before) if not device.startswith("cuda") else meter.current()
+    stats.transformer_bytes = module_bytes(pipe.transformer)
+    stats.text_encoder_2_bytes = module_bytes(pipe.text_encoder_2)
+    meter.start_peak()
+    images, stats.step_s, stats.generate_s = _generate(pipe, prompts, steps=steps, size=size, seed=seed, meter=meter)
+    stats.peak_memory = meter.peak() - (0 if device.startswith("cuda") else before)
+    return pipe, stats, images
+
+
+def _forward(transformer: Any, inputs: dict[str, Any]) -> Any:
+    import torch
+
+    with torch.no_grad():
+        return transformer(**inputs, return_dict=False)[0].float().cpu()
+
+
+# --- the command -----------------------------------------------------------------------------
+
+
+def pick_device(device: str | None) -> str:
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        from ..errors import DeviceError
+
+        raise DeviceError("--device cuda was asked for, but no CUDA GPU is available", hint="use --device cpu")
+    return device
+
+
+def validate(
+    out: Path | str,
+    *,
+    reference: str | None = None,
+    prompts: list[str] | None = None,
+    steps: int | None = None,
+    size: int | None = None,
+    seed: int = 0,
+    device: str | None = None,
+    thresholds_file: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+    write: bool = True,
+) -> ValidationReport:
+    """Validate a conversion output. Writes validation.json and samples; returns the report.
+
+    Raises nothing for failed checks: the report's ``passed`` says; callers decide (the CLI
+    exits 4 naming the first failed check).
+    """
+    import torch
+
+    out = Path(out)
+    manifest = read_manifest(out)
+    dev = pick_device(device)
+    on_gpu = dev.startswith("cuda")
+    steps = steps or 4
+    size = size or (1024 if on_gpu else 32)
+    if steps < 2:
+        raise UsageError("--steps must be at least 2 (the first step is excluded from timing)")
+    prompts = list(prompts or DEFAULT_PROMPTS)
+    thresholds = load_thresholds(manifest["backend"], manifest["scheme"], file=thresholds_file, overrides=overrides)
+
+    from .metrics import transformer_forward_inputs
+
+    src = reference_source(manifest, reference, token=token, endpoint=endpoint)
+    dtype = source_dtype(src)
+
+    q_pipe, q_stats, q_images = _run(
+        lambda: load_quantized(out, manifest, src.root, dtype=dtype, device=dev),
+        prompts, steps=steps, size=size, seed=seed, device=dev,
+    )  # fmt: skip
+    tconfig = dict(q_pipe.transformer.config)
+    q_forward = _forward(q_pipe.transformer, transformer_forward_inputs(tconfig, device=dev, dtype=dtype))
+    q_t5 = _encode_t5(q_pipe, prompts[0], dev)
+    del q_pipe
+    _free(dev)
+
+    r_pipe, r_stats, r_images = _run(
+        lambda: load_reference(src, dtype=dtype, device=dev), prompts, steps=steps, size=size, seed=seed, device=dev
+    )
+    r_forward = _forward(r_pipe.transformer, transformer_forward_inputs(tconfig, device=dev, dtype=dtype))
+    r_t5 = _encode_t5(r_pipe, prompts[0], dev)
+    del r_pipe
+    _free(dev)
+
+    from .metrics import image_quality, relative_error
+
+    quality: dict[str, Any] = image_quality(q_images, r_images)
+    quality["forward_rel_error"] = relative_error(q_forward, r_forward)
+    quality["t5_rel_error"] = relative_error(q_t5, r_t5)
+    quality["finite"] = bool(torch.isfinite(q_images).all())
+    quality["lpips"] = None
+    quality["lpips_note"] = "skipped: LPIPS needs network weights that are not available offline"
+    reduction = r_stats.transformer_bytes / max(1, q_stats.transformer_bytes)
+    quality["memory_reduction"] = reduction
+
+    checks = [
+        Check("finite_images", 1.0 if quality["finite"] else 0.0, 1.0, ">=", quality["finite"],
+              "" if quality["finite"] else "the quantized pipeline produced NaN/Inf"),
+        Check("memory_reduction", reduction, thresholds.min_memory_reduction, ">=",
+              reduction >= thresholds.min_memory_reduction, "transformer weights, reference / quantized"),
+        Check("forward_rel_error", quality["forward_rel_error"], thresholds.max_forward_rel_error, "<=",
+              quality["forward_rel_error"] <= thresholds.max_forward_rel_error, "one transformer forward on fixed inputs"),
+        Check("t5_rel_error", quality["t5_rel_error"], thresholds.max_forward_rel_error, "<=",
+              quality["t5_rel_error"] <= thresholds.max_forward_rel_error, "T5 encoder output for the first prompt"),
+        Check("psnr", quality["psnr"], thresholds.min_psnr, ">=", quality["psnr"] >= thresholds.min_psnr, "dB vs reference"),
+        Check("ssim", quality["ssim"], thresholds.min_ssim, ">=", quality["ssim"] >= thresholds.min_ssim),
+    ]  # fmt: skip
+    if thresholds.max_memory is not None:
+        checks.append(Check("max_memory", q_stats.peak_memory, thresholds.max_memory, "<=",
+                            q_stats.peak_memory <= thresholds.max_memory, "peak memory during generation"))
+    if thresholds.max_step_time is not None:
+        checks.append(Check("max_step_time", q_stats.step_s, thresholds.max_step_time, "<=",
+                            q_stats.step_s <= thresholds.max_step_time, "seconds per denoising step"))
+    passed = all(c.passed for c in checks)
+
+    from ..convert import library_versions
+
+    env = {
+        "device": dev,
+        "device_name": torch.cuda.get_device_name() if on_gpu else platform.processor() or platform.machine(),
+        "versions": library_versions("torchao", "bitsandbytes", "gguf", "torchmetrics"),
+    }
+    settings = {"device": dev, "dtype": str(dtype).replace("torch.", ""), "steps": steps, "size": size,
+                "seed": seed, "prompts": prompts, "reference": src.identity}  # fmt: skip
+    report = ValidationReport(out, passed, checks, q_stats, r_stats, quality, settings, env, thresholds)
+    if write:
+        report.samples = _write_samples(out, q_images, r_images)
+        (out / VALIDATION_NAME).write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n")
+    return report
+
+
+def _encode_t5(pipe: Any, prompt: str, device: str) -> Any:
+    import torch
+
+    ids = pipe.tokenizer_2(prompt, padding="max_length", max_length=64, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return pipe.text_encoder_2(ids.to(device))[0].float().cpu()
+
+
+def _free(device: str) -> None:
+    import gc
+
+    gc.collect()
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def _write_samples(out: Path, q_images: Any, r_images: Any) -> list[str]:
+    """PNG per image and a grid: quantized row over reference row."""
+    import numpy as np
+    from PIL import Image
+
+    folder = out / SAMPLES_DIR
+    folder.mkdir(exist_ok=True)
+    names = []
+
+    def to_pil(t: Any) -> Any:
+        arr = (t.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        return Image.fromarray(arr)
+
+    tiles_q = [to_pil(t) for t in q_images]
+    tiles_r = [to_pil(t) for t in r_images]
+    for i, (q, r) in enumerate(zip(tiles_q, tiles_r)):
+        q.save(folder / f"quantized-{i}.png")
+        r.save(folder / f"reference-{i}.png")
+        names += [f"{SAMPLES_DIR}/quantized-{i}.png", f"{SAMPLES_DIR}/reference-{i}.png"]
+    w, h = tiles_q[0].size
+    scale = max(1, 256 // max(w, h))  # tiny demo images are 64 px: enlarge for the card
+    grid = Image.new("RGB", (w * scale * len(tiles_q), h * scale * 2), "white")
+    for i, (q, r) in enumerate(zip(tiles_q, tiles_r)):
+        grid.paste(q.resize((w * scale, h * scale), Image.NEAREST), (i * w * scale, 0))
+        grid.paste(r.resize((w * scale, h * scale), Image.NEAREST), (i * w * scale, h * scale))
+    grid.save(folder / "grid.png")
+    names.append(f"{SAMPLES_DIR}/grid.png")
+    return names
+
+
+def raise_if_failed(report: ValidationReport) -> None:
+    failed = [c for c in report.checks if not c.passed]
+    if failed:
+        c = failed[0]
+        more = f" (+{len(failed) - 1} more)" if len(failed) > 1 else ""
+        raise ValidationFailed(f"validation failed: {c.line()}{more}", hint=f"see {report.out / VALIDATION_NAME}")

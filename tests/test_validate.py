@@ -1,0 +1,102 @@
+"""validate: load as downstream, generate, measure, compare; sabotaged outputs fail."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import assert_one_line_error, run_cli
+from qconvert.convert import convert
+from qconvert.sources import resolve_source
+from qconvert.validate import raise_if_failed, validate
+from qconvert.validate.thresholds import load_thresholds
+
+
+@pytest.fixture(scope="module")
+def int8_out(tmp_path_factory, tiny_path):
+    out = tmp_path_factory.mktemp("val") / "flux-int8"
+    convert(resolve_source("tiny-flux"), "torchao", "int8wo", out, progress=False)
+    return out
+
+
+def test_demo_output_validates_and_writes_artefacts(int8_out):
+    report = validate(int8_out)
+    assert report.passed, report.table()
+    data = json.loads((int8_out / "validation.json").read_text())
+    assert data["passed"] and not data["failed"]
+    names = {c["name"] for c in data["checks"]}
+    assert {"memory_reduction", "forward_rel_error", "t5_rel_error", "psnr", "ssim"} <= names
+    for key in ("load_s", "memory_after_load", "peak_memory", "step_s", "transformer_bytes"):
+        assert data["quantized"][key] > 0, key
+    assert data["quality"]["memory_reduction"] >= 1.5
+    assert data["quality"]["lpips"] is None and "skipped" in data["quality"]["lpips_note"]
+    for rel in data["samples"]:
+        assert (int8_out / rel).stat().st_size > 0
+    from PIL import Image
+
+    grid = Image.open(int8_out / "samples" / "grid.png")
+    assert grid.size[1] == 2 * grid.size[0] // 2  # two rows (quantized over reference), two prompts
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    (dst / "validation.json").unlink(missing_ok=True)
+    return dst
+
+
+def test_scaled_weights_fail_the_forward_check(int8_out, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    bad = _copy(int8_out, tmp_path / "scaled")
+    f = bad / "transformer" / "diffusion_pytorch_model.safetensors"
+    with safe_open(str(f), "pt") as h:
+        meta = h.metadata()
+    sd = {k: (v * 1.5 if k.endswith("_weight_scale") else v) for k, v in load_file(str(f)).items()}
+    save_file(sd, str(f), metadata=meta)
+    report = validate(bad)
+    assert not report.passed
+    failed = {c.name for c in report.checks if not c.passed}
+    assert "forward_rel_error" in failed
+    with pytest.raises(Exception, match="forward_rel_error"):
+        raise_if_failed(report)
+
+
+def test_swapped_text_encoder_fails(int8_out, tmp_path):
+    from transformers import T5Config, T5EncoderModel
+
+    bad = _copy(int8_out, tmp_path / "swapped")
+    cfg = {k: v for k, v in T5Config.from_pretrained(bad / "text_encoder_2").to_dict().items() if k != "quantization_config"}
+    torch.manual_seed(1234)
+    other = T5EncoderModel(T5Config(**cfg)).eval()
+    shutil.rmtree(bad / "text_encoder_2")
+    other.save_pretrained(bad / "text_encoder_2")
+    proc = run_cli("validate", str(bad))
+    line = assert_one_line_error(proc, code=4, contains="t5_rel_error")
+    assert "validation.json" in line
+
+
+def test_memory_budget_below_measured_fails(int8_out):
+    proc = run_cli("validate", str(int8_out), "--max-memory", "1KB")
+    assert_one_line_error(proc, code=4, contains="max_memory")
+
+
+def test_thresholds_layering(tmp_path):
+    t = load_thresholds("bnb", "nf4")
+    assert t.min_memory_reduction == 3.0
+    assert load_thresholds("torchao", "int8wo").min_memory_reduction >= 1.5
+    f = tmp_path / "t.toml"
+    f.write_text('[default]\nmin_psnr = 5.0\n[bnb.nf4]\nmax_memory = "12GiB"\n')
+    t2 = load_thresholds("bnb", "nf4", file=f, overrides={"min_ssim": 0.9})
+    assert (t2.min_psnr, t2.max_memory, t2.min_ssim) == (5.0, 12 * 1024**3, 0.9)
+    f.write_text("[default]\nmin_psnrr = 1\n")
+    with pytest.raises(Exception, match="unknown threshold"):
+        load_thresholds("bnb", "nf4", file=f)
+
+
+def test_validate_rejects_a_folder_without_manifest(tmp_path):
+    proc = run_cli("validate", str(tmp_path))
+    assert_one_line_error(proc, code=3, contains="qconvert.json")
