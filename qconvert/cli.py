@@ -154,6 +154,16 @@ def flux(
             f"unknown {backend} scheme {scheme!r}", hint=f"choose one of: {', '.join(SCHEMES[backend])}"
         )
     comps = parse_components(components)
+    if max_shard_size is not None:
+        from .convert.writers import parse_size
+
+        try:
+            if parse_size(max_shard_size) <= 0:
+                raise ValueError
+        except ValueError:
+            from .errors import UsageError
+
+            raise UsageError(f"--max-shard-size {max_shard_size!r} is not a size", hint="e.g. 5GB or 500MB") from None
     options: dict[str, Any] = {
         "compute_dtype": compute_dtype,
         "layout": layout,
@@ -295,6 +305,80 @@ def validate_cmd(
     else:
         click.echo(report.table())
     raise_if_failed(report)
+
+
+@cli.command("card")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--base-model", default=None, help="Hub repo id of the base model [the source's repo].")
+@click.option("--license", "license_id", default=None, help="License id, e.g. apache-2.0 or other [the base model's].")
+@click.option("--license-name", default=None, help="With --license other: the license's name.")
+@click.option("--license-link", default=None, help="With --license other: URL or file of the license text.")
+@click.option("--repo-id", default=None, help="Repo id to use in the usage snippet [the folder's path].")
+@click.pass_obj
+def card_cmd(
+    state: State, out: Path, base_model: str | None, license_id: str | None, license_name: str | None,
+    license_link: str | None, repo_id: str | None,
+) -> None:
+    """Write OUT/README.md: a Hub model card for a conversion output.
+
+    \b
+    Examples:
+      qconvert card out/flux-int8
+      qconvert card out/my-flux-nf4 --base-model black-forest-labs/FLUX.1-dev
+      qconvert card out/x --license other --license-name my-license --license-link LICENSE.md
+    The metadata (base model, license, tags), what was quantized, a usage snippet, the
+    validation results and how to reproduce come from qconvert.json and validation.json.
+    Re-rendering the same output gives identical bytes.
+    """
+    _quiet_libraries(state.verbose)
+    from .cards import render_card
+
+    path = render_card(
+        out, base_model=base_model, license=license_id, license_name=license_name, license_link=license_link,
+        repo_id=repo_id, token=hub_token(), endpoint=hub_endpoint(),
+    )  # fmt: skip
+    click.echo(str(path))
+
+
+@cli.command("push")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--repo-id", required=True, help="Model repo to push to: NAMESPACE/NAME (created if missing).")
+@click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
+@click.option("--collection", default=None, help="Also add the repo to this collection (title; created if missing).")
+@click.option("--dry-run", is_flag=True, help="Print the plan (files, commit message, collection); change nothing.")
+@click.option("--no-validate", is_flag=True, help="Publish an output without a passing validation (the card says so).")
+@click.option("--keep-remote-files", is_flag=True, help="Keep repo files the output does not have [they are deleted].")
+@click.option("-m", "--message", default=None, help="Commit message [qconvert VERSION: BACKEND SCHEME of SOURCE].")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable result on stdout.")
+@click.pass_obj
+def push_cmd(
+    state: State, out: Path, repo_id: str, private: bool, collection: str | None, dry_run: bool,
+    no_validate: bool, keep_remote_files: bool, message: str | None, as_json: bool,
+) -> None:
+    """Publish OUT to the Hugging Face Hub as one commit (needs a write token in HF_TOKEN).
+
+    \b
+    Examples:
+      qconvert push out/flux-int8 --repo-id me/FLUX.1-dev-torchao-int8 --dry-run
+      qconvert push out/flux-int8 --repo-id my-org/FLUX.1-dev-torchao-int8 --collection "FLUX quants"
+      qconvert push out/nf4 --repo-id me/flux-nf4 --private
+    The output must have passed `qconvert validate` (exit 4 otherwise) unless --no-validate.
+    README.md is (re-)rendered with the repo id. The repo mirrors OUT; pushing an unchanged
+    output makes no commit. Failures exit 5 and leave the repo as it was.
+    """
+    _quiet_libraries(state.verbose)
+    from .publish import push
+
+    token = hub_token()
+    result = push(
+        out, repo_id, token=token, endpoint=hub_endpoint(), private=private, collection=collection,
+        dry_run=dry_run, allow_unvalidated=no_validate, commit_message=message,
+        keep_remote_files=keep_remote_files, info=state.info,
+    )  # fmt: skip
+    if as_json:
+        click.echo(redact(json.dumps(result.to_dict(), indent=2)))
+    else:
+        click.echo(result.render(verbose=state.verbose > 0))
 
 
 def _summary_table(summary: dict[str, Any]) -> str:

@@ -93,3 +93,25 @@ def export_bfl(transformer_dir: Path, out_file: Path) -> Path:
 @pytest.fixture(scope="session")
 def slim_bfl_file(slim_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return export_bfl(slim_path / "transformer", tmp_path_factory.mktemp("bfl") / "flux1-slim.safetensors")
+
+
+def invoke(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the CLI's `main()` in this process (fast: libraries stay imported), capturing output."""
+    import contextlib
+    import io
+
+    from qconvert.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(args))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import __version__, flux
+from .. import __version__, faults, flux
 from ..errors import CorruptCheckpoint, UsageError
 from ..output import atomic_folder, check_disk_space, check_output, copy_file, copy_tree, sha256_of, write_json
 from ..plan import ComponentPlan, Plan
@@ -71,7 +71,7 @@ def parse_components(text: str | None) -> tuple[str, ...]:
 
 def make_plan(source: Source, backend: Any, components: tuple[str, ...]) -> tuple[Plan, dict[str, Any]]:
     """Plan every component from headers alone. Returns the plan and per-component facts."""
-    from .base import model_facts
+    from .base import check_against_config, model_facts
 
     comp_plans: list[ComponentPlan] = []
     facts: dict[str, Any] = {}
@@ -79,6 +79,7 @@ def make_plan(source: Source, backend: Any, components: tuple[str, ...]) -> tupl
         comp = source.components[name]
         if name in components and name in backend.supported_components:
             facts[name] = model_facts(comp)
+            check_against_config(comp, facts[name])
             comp_plans.append(backend.plan_component(comp, facts[name]))
         else:
             if comp.folder is None:
@@ -143,6 +144,7 @@ def convert(
     check_output(out.absolute(), overwrite=overwrite)
     plan, facts = make_plan(source, backend, components)
     check_disk_space(out.absolute(), plan.bytes_out)
+    faults.point("after-plan")
 
     from tqdm.auto import tqdm
 
@@ -150,15 +152,17 @@ def convert(
     seconds: dict[str, float] = {}
     with atomic_folder(out, overwrite=overwrite) as tmp:
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not progress, leave=False)
-        with TensorReader() as reader:
-            written = backend.write_output(
-                source, plan, facts, tmp, reader, bar.update, _check_finite, seconds
-            ) if hasattr(backend, "write_output") else _write_pipeline(
-                source, plan, facts, backend, tmp, reader, bar.update, seconds
-            )
-        bar.close()
+        try:
+            with TensorReader() as reader:
+                if hasattr(backend, "write_output"):
+                    written = backend.write_output(source, plan, facts, tmp, reader, bar.update, _check_finite, seconds)
+                else:
+                    written = _write_pipeline(source, plan, facts, backend, tmp, reader, bar.update, seconds)
+        finally:
+            bar.close()  # clears its line, so an error message starts on a clean line
         manifest = build_manifest(source, plan, backend, tmp, written, components, options)
         write_json(tmp / MANIFEST_NAME, manifest)
+        faults.point("before-rename")
     return ConvertResult(out, plan, manifest, seconds)
 
 

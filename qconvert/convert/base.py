@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from .. import faults
 from ..errors import MissingDependency, UsageError
 from ..plan import CAST, KEEP, QUANTIZE, ComponentPlan, Policy, Rule, TensorPlan
-from ..sources import DTYPE_SIZES, Component, SourceTensor, TensorReader
+from ..sources import DTYPE_SIZES, FLOAT_DTYPES, Component, SourceTensor, TensorReader
 from .writers import ShardedSafetensorsWriter, parse_size
 
 # diffusers' and transformers' save_pretrained defaults.
@@ -33,6 +34,8 @@ class ModelFacts:
 
     linear_weights: set[str] = field(default_factory=set)
     keep_in_fp32_modules: tuple[str, ...] = ()
+    # parameter/buffer name -> shape the config implies
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 def model_facts(comp: Component) -> ModelFacts:
@@ -57,7 +60,36 @@ def model_facts(comp: Component) -> ModelFacts:
             model = cls(cfg)
     linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     keep = tuple(getattr(cls, "_keep_in_fp32_modules", None) or ())
-    return ModelFacts(linear, keep)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return ModelFacts(linear, keep, shapes)
+
+
+def check_against_config(comp: Component, facts: ModelFacts) -> None:
+    """Refuse weights whose shapes or dtypes do not fit the component's config.
+
+    Checked from headers before any tensor is read, so a mismatched checkpoint fails in
+    seconds with the tensor's name instead of half-way through the conversion.
+    """
+    from ..errors import CorruptCheckpoint
+
+    for name, t in comp.tensors.items():
+        if t.dtype not in FLOAT_DTYPES:
+            raise CorruptCheckpoint(
+                f"{comp.name}: tensor {name} has dtype {t.dtype}; expected F32, F16 or BF16 weights",
+                hint="convert from the original floating-point checkpoint",
+            )
+        want = facts.shapes.get(name)
+        if want is not None and tuple(want) != tuple(t.shape):
+            raise CorruptCheckpoint(
+                f"{comp.name}: tensor {name} has shape {list(t.shape)} but its config implies {list(want)}",
+                hint="the weights and config.json do not belong together",
+            )
+    linear_missing = sorted(n for n in facts.linear_weights if n not in comp.tensors)
+    if linear_missing:
+        raise CorruptCheckpoint(
+            f"{comp.name}: weight {linear_missing[0]} is missing ({len(linear_missing)} missing in all)",
+            hint="the checkpoint is incomplete or for another model",
+        )
 
 
 ProgressFn = Callable[[int], None]
@@ -214,6 +246,7 @@ class Backend:
         collector = GarbageBound()
         try:
             for tp in plan.tensors:
+                faults.tensor_written()
                 writer.add_group(self.encode_streaming(comp, tp, reader, check_tensor))
                 progress(tp.bytes_in)
                 collector.step(tp.bytes_in)

@@ -1,0 +1,27 @@
+"""Fault injection for crash-safety tests: kill this process at a named point.
+
+Set ``QCONVERT_KILL_AT`` to a point name (``after-plan``, ``tensor-<n>`` — before the n-th
+tensor of the run is written, ``before-rename``) and the process SIGKILLs itself there, as a
+power cut or OOM kill would. Unset (always, outside tests), :func:`point` is a dict lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+_ENV = "QCONVERT_KILL_AT"
+_counter = {"tensor": 0}
+
+
+def point(name: str) -> None:
+    target = os.environ.get(_ENV)
+    if target and target == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def tensor_written() -> None:
+    """Count tensors across the run; fires ``tensor-<n>`` before the n-th (1-based)."""
+    if os.environ.get(_ENV, "").startswith("tensor-"):
+        _counter["tensor"] += 1
+        point(f"tensor-{_counter['tensor']}")
