@@ -98,6 +98,9 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
     Commands:
       flux      convert a Flux pipeline (bnb, torchao or GGUF)
       validate  load a converted output as a user would, generate, compare
+      card      write the model card (README.md) of an output
+      push      publish an output to the Hub in one commit
+      release   run a release plan (many variants), resumable
     Run `qconvert COMMAND --help` for examples.
     """
     ctx.obj = State(verbose, quiet, debug)
@@ -396,6 +399,51 @@ def _summary_table(summary: dict[str, Any]) -> str:
     )
     rows.append(f"wrote {summary['out']}")
     return "\n".join(rows)
+
+
+@cli.command("release")
+@click.argument("plan_file", type=click.Path(path_type=Path))
+@click.option("--only", default=None, help="Comma list of variant names to run.")
+@click.option("--matrix", "as_matrix", is_flag=True, help="Print the variants as a JSON list (CI matrix) and stop.")
+@click.option("--dry-run", is_flag=True, help="Print what would run and stop.")
+@click.option("--push", is_flag=True, help="Push each validated variant to the Hub.")
+@click.option("--workdir", type=click.Path(path_type=Path), default=None, help="Outputs and resumable state [release-<plan>].")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.pass_obj
+def release_cmd(state: State, plan_file: Path, only: str | None, as_matrix: bool, dry_run: bool, push: bool,
+                workdir: Path | None, as_json: bool) -> None:
+    """Run a release plan: convert, validate, card and push many variants.
+
+    \b
+    Examples:
+      qconvert release releases/flux1-dev.toml --dry-run
+      qconvert release releases/flux1-dev.toml --only nf4,Q4_K_S --push
+      qconvert release releases/flux1-dev.toml --matrix      # for a CI matrix
+    Re-running continues where an interrupted run stopped; variants already on the Hub
+    with the same source revision and qconvert version are skipped. Exits 4 if any failed.
+    """
+    from .release import load_plan, matrix, run_release, summary_table
+
+    plan = load_plan(plan_file)
+    if as_matrix:
+        click.echo(json.dumps(matrix(plan, only)))
+        return
+    _quiet_libraries(state.verbose)
+    token = hub_token()
+    workdir = workdir or Path(f"release-{plan_file.stem}")
+    results = run_release(plan, only=only, workdir=workdir, push=push, dry_run=dry_run, token=token,
+                          endpoint=hub_endpoint(), log=state.info, progress=not state.quiet)  # fmt: skip
+    if as_json:
+        from dataclasses import asdict
+
+        click.echo(json.dumps([asdict(r) for r in results], indent=2))
+    else:
+        click.echo(summary_table(results))
+    failed = [r for r in results if r.status == "failed"]
+    if failed:
+        from .errors import ValidationFailed
+
+        raise ValidationFailed(f"{len(failed)} of {len(results)} variants failed (first: {failed[0].name}: {failed[0].detail})")
 
 
 def main(argv: list[str] | None = None) -> int:

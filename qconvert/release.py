@@ -1,0 +1,311 @@
+"""Release plans: convert -> validate -> card -> push for many variants, resumable.
+
+A plan is a TOML file (see ``releases/flux1-dev.toml``)::
+
+    [release]
+    source = "black-forest-labs/FLUX.1-dev"   # Hub id, folder or tiny-flux
+    revision = "main"                          # pin a commit for reproducible releases
+    namespace = "my-org"
+    collection = "FLUX.1-dev quantized"
+    repo_pattern = "{source_name}-{backend}-{scheme}"
+    private = false
+
+    [[variant]]
+    name = "nf4"
+    backend = "bnb"
+    scheme = "nf4"
+    # components = ["transformer"]; [variant.thresholds] min_psnr = 18 ...
+
+State lives in ``<workdir>/release-state.json``: a variant that finished is not redone when
+the run is restarted. Before converting, the remote repo's ``qconvert.json`` is compared with
+what this run would write (source revision, qconvert version, backend, scheme, options): a
+variant that is already published identically is skipped without converting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import QConvertError, UsageError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+STATE_NAME = "release-state.json"
+REPORT_NAME = "release-report.json"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_RELEASE_KEYS = {"source", "revision", "base", "namespace", "collection", "repo_pattern", "private",
+                 "components", "device", "thresholds", "license"}  # fmt: skip
+_VARIANT_KEYS = {"name", "backend", "scheme", "components", "thresholds", "options", "repo_id", "private"}
+
+
+@dataclass
+class Variant:
+    name: str
+    backend: str
+    scheme: str
+    repo_id: str
+    components: tuple[str, ...]
+    options: dict[str, Any] = field(default_factory=dict)
+    thresholds: dict[str, Any] = field(default_factory=dict)
+    private: bool = False
+
+    def matrix_entry(self) -> dict[str, Any]:
+        return {"name": self.name, "backend": self.backend, "scheme": self.scheme, "repo_id": self.repo_id}
+
+
+@dataclass
+class ReleasePlan:
+    path: Path
+    source: str
+    revision: str | None
+    base: str | None
+    namespace: str
+    collection: str | None
+    device: str | None
+    license: str | None
+    variants: list[Variant]
+
+    def select(self, only: str | None) -> list[Variant]:
+        if not only:
+            return list(self.variants)
+        names = [n.strip() for n in only.split(",") if n.strip()]
+        known = {v.name for v in self.variants}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise UsageError(f"--only names unknown variant {unknown[0]!r}", hint=f"variants: {', '.join(sorted(known))}")
+        return [v for v in self.variants if v.name in names]
+
+    def fingerprint(self, v: Variant) -> str:
+        """Identity of what a variant's run would produce (for resumption)."""
+        data = {"source": self.source, "revision": self.revision, "base": self.base, "variant": asdict(v),
+                "qconvert": __version__}  # fmt: skip
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _plan_error(path: Path, text: str, msg: str, key: str | None = None) -> UsageError:
+    line = ""
+    if key:
+        for i, raw in enumerate(text.splitlines(), 1):
+            if re.search(rf"(^|\s|\"){re.escape(key)}(\"|\s|=|$)", raw):
+                line = f" (line {i})"
+                break
+    return UsageError(f"{path.name}{line}: {msg}")
+
+
+def load_plan(path: Path | str) -> ReleasePlan:
+    from .convert import SCHEMES, parse_components
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise UsageError(f"cannot read release plan {path}: {e.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"{path.name} is not valid TOML: {e}") from None
+    rel = data.get("release")
+    if not isinstance(rel, dict):
+        raise _plan_error(path, text, "missing [release] table", "release")
+    for k in rel:
+        if k not in _RELEASE_KEYS:
+            raise _plan_error(path, text, f"unknown key {k!r} in [release]", k)
+    if not rel.get("source"):
+        raise _plan_error(path, text, "[release] needs source = \"<Hub id, folder or tiny-flux>\"", "release")
+    namespace = rel.get("namespace")
+    if not namespace:
+        raise _plan_error(path, text, "[release] needs namespace = \"<user or org>\"", "release")
+    source = str(rel["source"])
+    source_name = source.rstrip("/").split("/")[-1].removesuffix(".safetensors")
+    pattern = rel.get("repo_pattern", "{source_name}-{backend}-{scheme}")
+    default_components = rel.get("components")
+    raw_variants = data.get("variant")
+    if not isinstance(raw_variants, list) or not raw_variants:
+        raise _plan_error(path, text, "no [[variant]] entries", "variant")
+    variants: list[Variant] = []
+    seen: set[str] = set()
+    for i, rv in enumerate(raw_variants):
+        for k in rv:
+            if k not in _VARIANT_KEYS:
+                raise _plan_error(path, text, f"unknown key {k!r} in variant {i + 1}", k)
+        name = rv.get("name")
+        if not name or not _NAME_RE.match(str(name)):
+            raise _plan_error(path, text, f"variant {i + 1} needs a name of letters, digits, '.', '_' or '-'", "name")
+        if name in seen:
+            raise _plan_error(path, text, f"duplicate variant name {name!r}", name)
+        seen.add(name)
+        backend = rv.get("backend")
+        if backend not in SCHEMES:
+            raise _plan_error(path, text, f"variant {name!r}: unknown backend {backend!r} (choose {', '.join(SCHEMES)})", "backend")
+        scheme = rv.get("scheme")
+        if scheme not in SCHEMES[backend]:
+            raise _plan_error(path, text, f"variant {name!r}: unknown {backend} scheme {scheme!r}", "scheme")
+        comps = rv.get("components", default_components)
+        try:
+            components = parse_components(",".join(comps) if isinstance(comps, list) else comps)
+        except UsageError as e:
+            raise _plan_error(path, text, f"variant {name!r}: {e.message}", "components") from None
+        repo_id = rv.get("repo_id") or f"{namespace}/" + pattern.format(
+            source_name=source_name, backend=backend, scheme=scheme, name=name
+        )
+        thresholds = {**rel.get("thresholds", {}), **rv.get("thresholds", {})}
+        variants.append(
+            Variant(name, backend, scheme, repo_id, components, dict(rv.get("options", {})), thresholds,
+                    bool(rv.get("private", rel.get("private", False))))  # fmt: skip
+        )
+    return ReleasePlan(path, source, rel.get("revision"), rel.get("base"), namespace, rel.get("collection"),
+                       rel.get("device"), rel.get("license"), variants)  # fmt: skip
+
+
+def matrix(plan: ReleasePlan, only: str | None = None) -> list[dict[str, Any]]:
+    return [v.matrix_entry() for v in plan.select(only)]
+
+
+# --- running -------------------------------------------------------------------------------
+
+
+@dataclass
+class VariantResult:
+    name: str
+    repo_id: str
+    status: str  # done | skipped | failed | dry-run
+    detail: str = ""
+    seconds: float = 0.0
+    commit: str | None = None
+
+
+def _load_state(workdir: Path) -> dict[str, Any]:
+    p = workdir / STATE_NAME
+    if p.is_file():
+        try:
+            return json.loads(p.read_text())
+        except json.JSONDecodeError:
+            return {}
+    return {}
+
+
+def _save_state(workdir: Path, state: dict[str, Any]) -> None:
+    tmp = workdir / (STATE_NAME + ".tmp")
+    tmp.write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+    tmp.replace(workdir / STATE_NAME)  # atomic: a kill never leaves a torn state file
+
+
+def remote_is_current(repo_id: str, source_identity: dict[str, Any], v: Variant, *, token: str | None,
+                      endpoint: str | None) -> bool:
+    """True when the remote repo's manifest says it holds this very variant already."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, EntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        path = hf_hub_download(repo_id, "qconvert.json", token=token, endpoint=endpoint)
+    except (EntryNotFoundError, RepositoryNotFoundError):
+        return False
+    except HfHubHTTPError:
+        return False
+    remote = json.loads(Path(path).read_text())
+    return (
+        remote.get("qconvert_version") == __version__
+        and remote.get("source") == source_identity
+        and remote.get("backend") == v.backend
+        and remote.get("scheme") == v.scheme
+        and remote.get("options", {}).get("components") == list(v.components)
+    )
+
+
+def run_release(
+    plan: ReleasePlan,
+    *,
+    only: str | None = None,
+    workdir: Path,
+    push: bool = False,
+    dry_run: bool = False,
+    token: str | None = None,
+    endpoint: str | None = None,
+    log: Any = print,
+    progress: bool = False,
+) -> list[VariantResult]:
+    from .convert import convert
+    from .sources import resolve_source
+
+    variants = plan.select(only)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    state = _load_state(workdir)
+    results: list[VariantResult] = []
+    if dry_run:
+        for v in variants:
+            results.append(VariantResult(v.name, v.repo_id, "dry-run",
+                                         f"{v.backend} {v.scheme} {','.join(v.components)} -> {v.repo_id}"))  # fmt: skip
+        return results
+    source = resolve_source(plan.source, revision=plan.revision, base=plan.base, token=token, endpoint=endpoint)
+    for v in variants:
+        t0 = time.perf_counter()
+        key = plan.fingerprint(v)
+        entry = state.get(v.name, {})
+        if entry.get("fingerprint") == key and entry.get("status") == "done" and (entry.get("pushed") or not push):
+            results.append(VariantResult(v.name, v.repo_id, "skipped", "already done (state file)", 0.0, entry.get("commit")))
+            log(f"{v.name}: already done, skipping")
+            continue
+        try:
+            if push and remote_is_current(v.repo_id, source.identity, v, token=token, endpoint=endpoint):
+                results.append(VariantResult(v.name, v.repo_id, "skipped", "remote already holds this variant"))
+                state[v.name] = {"fingerprint": key, "status": "done", "pushed": True}
+                _save_state(workdir, state)
+                log(f"{v.name}: {v.repo_id} is up to date, skipping")
+                continue
+            out = workdir / v.name
+            log(f"{v.name}: converting ({v.backend} {v.scheme})")
+            convert(source, v.backend, v.scheme, out, components=v.components, overwrite=True,
+                    progress=progress, options=v.options)  # fmt: skip
+            from .validate import raise_if_failed, validate
+
+            log(f"{v.name}: validating")
+            overrides = dict(v.thresholds)
+            if isinstance(overrides.get("max_memory"), str):
+                from .convert.writers import parse_size
+
+                overrides["max_memory"] = parse_size(overrides["max_memory"])
+            report = validate(out, device=plan.device, overrides=overrides, token=token, endpoint=endpoint)
+            raise_if_failed(report)
+            from .cards import render_card
+
+            render_card(out, license=plan.license)
+            commit = None
+            if push:
+                from .publish import push as push_folder
+
+                log(f"{v.name}: pushing to {v.repo_id}")
+                r = push_folder(out, v.repo_id, token=token, endpoint=endpoint, private=v.private,
+                                collection=plan.collection)  # fmt: skip
+                commit = getattr(r, "commit_oid", None) or getattr(r, "commit", None)
+            state[v.name] = {"fingerprint": key, "status": "done", "pushed": push, "commit": commit}
+            _save_state(workdir, state)
+            results.append(VariantResult(v.name, v.repo_id, "done", "pushed" if push else "converted + validated",
+                                         time.perf_counter() - t0, commit))  # fmt: skip
+        except QConvertError as e:
+            state[v.name] = {"fingerprint": key, "status": "failed", "error": e.one_line()}
+            _save_state(workdir, state)
+            results.append(VariantResult(v.name, v.repo_id, "failed", e.one_line(), time.perf_counter() - t0))
+            log(f"{v.name}: FAILED: {e.one_line()}")
+    report_data = {"plan": str(plan.path), "qconvert_version": __version__, "source": source.identity,
+                   "variants": [asdict(r) for r in results]}  # fmt: skip
+    (workdir / REPORT_NAME).write_text(json.dumps(report_data, indent=2, sort_keys=True) + "\n")
+    return results
+
+
+def summary_table(results: list[VariantResult]) -> str:
+    rows = [f"{'variant':<14}{'status':<10}{'time':>8}  repo / detail"]
+    for r in results:
+        rows.append(f"{r.name:<14}{r.status:<10}{r.seconds:>7.1f}s  {r.repo_id}: {r.detail}")
+    return "\n".join(rows)
