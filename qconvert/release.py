@@ -93,12 +93,18 @@ class ReleasePlan:
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _plan_error(path: Path, text: str, msg: str, key: str | None = None) -> UsageError:
+def _plan_error(path: Path, text: str, msg: str, key: str | None = None, variant: int | None = None) -> UsageError:
+    """A one-line error naming the plan file and the line of ``key`` (in variant ``variant``)."""
     line = ""
     if key:
-        for i, raw in enumerate(text.splitlines(), 1):
-            if re.search(rf"(^|\s|\"){re.escape(key)}(\"|\s|=|$)", raw):
-                line = f" (line {i})"
+        lines = text.splitlines()
+        start = 0
+        if variant is not None:
+            headers = [i for i, raw in enumerate(lines) if raw.strip() == "[[variant]]"]
+            start = headers[variant] if variant < len(headers) else 0
+        for i in range(start, len(lines)):
+            if re.search(rf"(^|\s|\"){re.escape(key)}(\"|\s|=|$)", lines[i]):
+                line = f" (line {i + 1})"
                 break
     return UsageError(f"{path.name}{line}: {msg}")
 
@@ -138,24 +144,24 @@ def load_plan(path: Path | str) -> ReleasePlan:
     for i, rv in enumerate(raw_variants):
         for k in rv:
             if k not in _VARIANT_KEYS:
-                raise _plan_error(path, text, f"unknown key {k!r} in variant {i + 1}", k)
+                raise _plan_error(path, text, f"unknown key {k!r} in variant {i + 1}", k, i)
         name = rv.get("name")
         if not name or not _NAME_RE.match(str(name)):
-            raise _plan_error(path, text, f"variant {i + 1} needs a name of letters, digits, '.', '_' or '-'", "name")
+            raise _plan_error(path, text, f"variant {i + 1} needs a name of letters, digits, '.', '_' or '-'", "name", i)
         if name in seen:
-            raise _plan_error(path, text, f"duplicate variant name {name!r}", name)
+            raise _plan_error(path, text, f"duplicate variant name {name!r}", "name", i)
         seen.add(name)
         backend = rv.get("backend")
         if backend not in SCHEMES:
-            raise _plan_error(path, text, f"variant {name!r}: unknown backend {backend!r} (choose {', '.join(SCHEMES)})", "backend")
+            raise _plan_error(path, text, f"variant {name!r}: unknown backend {backend!r} (choose {', '.join(SCHEMES)})", "backend", i)
         scheme = rv.get("scheme")
         if scheme not in SCHEMES[backend]:
-            raise _plan_error(path, text, f"variant {name!r}: unknown {backend} scheme {scheme!r}", "scheme")
+            raise _plan_error(path, text, f"variant {name!r}: unknown {backend} scheme {scheme!r}", "scheme", i)
         comps = rv.get("components", default_components)
         try:
             components = parse_components(",".join(comps) if isinstance(comps, list) else comps)
         except UsageError as e:
-            raise _plan_error(path, text, f"variant {name!r}: {e.message}", "components") from None
+            raise _plan_error(path, text, f"variant {name!r}: {e.message} (components)", "components", i) from None
         repo_id = rv.get("repo_id") or f"{namespace}/" + pattern.format(
             source_name=source_name, backend=backend, scheme=scheme, name=name
         )

@@ -1,0 +1,87 @@
+"""Release plans: parsing errors, matrix, and a resumable three-variant run on the local Hub."""
+
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+
+from conftest import REPO_ROOT, assert_one_line_error, invoke, run_cli
+from qconvert.release import load_plan, matrix
+
+GOOD = """
+[release]
+source = "tiny-flux"
+namespace = "acme"
+
+[[variant]]
+name = "a"
+backend = "torchao"
+scheme = "int8wo"
+"""
+
+BAD_PLANS = {
+    "invalid toml": ("[release\nsource=", "not valid TOML"),
+    "missing source": ('[release]\nnamespace = "acme"\n[[variant]]\nname="a"\nbackend="bnb"\nscheme="nf4"\n', "source"),
+    "missing namespace": ('[release]\nsource = "tiny-flux"\n[[variant]]\nname="a"\nbackend="bnb"\nscheme="nf4"\n', "namespace"),
+    "unknown backend": (GOOD.replace('backend = "torchao"', 'backend = "onnx"'), "line 8"),
+    "unknown scheme": (GOOD.replace('scheme = "int8wo"', 'scheme = "int3"'), "line 9"),
+    "duplicate names": (GOOD + '\n[[variant]]\nname = "a"\nbackend = "bnb"\nscheme = "nf4"\n', "line 12"),
+    "unknown key": (GOOD.replace('namespace = "acme"', 'namespace = "acme"\nsorce = "x"'), "unknown key 'sorce'"),
+    "no variants": ('[release]\nsource = "tiny-flux"\nnamespace = "acme"\n', "no [[variant]]"),
+    "bad components": (GOOD + 'components = ["vae"]\n', "components"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PLANS))
+def test_bad_plan_is_one_line_naming_the_problem(case, tmp_path):
+    text, needle = BAD_PLANS[case]
+    plan = tmp_path / "plan.toml"
+    plan.write_text(text)
+    proc = invoke("release", str(plan), "--dry-run")
+    line = assert_one_line_error(proc, code=2, contains=needle)
+    assert "plan.toml" in line
+
+
+def test_matrix_and_repo_names():
+    plan = load_plan(REPO_ROOT / "releases" / "tiny-demo.toml")
+    m = matrix(plan)
+    assert [v["name"] for v in m] == ["int8wo", "fp8wo", "Q8_0"]
+    assert m[0]["repo_id"] == "acme/tiny-flux-int8wo"
+
+
+def _release(plan, workdir, hub, *extra, env_extra=None):
+    env = {"HF_ENDPOINT": hub.endpoint, "HF_TOKEN": hub.token, "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0"}
+    env.update(env_extra or {})
+    return run_cli("-q", "release", str(plan), "--workdir", str(workdir), "--push", "--json", *extra, env=env)
+
+
+@pytest.mark.slow
+def test_three_variants_resume_after_kill_and_push_nothing_twice(hub, hub_env, tmp_path):
+    plan_text = (REPO_ROOT / "releases" / "tiny-demo.toml").read_text().replace("acme", "acme").replace(
+        'repo_pattern = "tiny-flux-{name}"', 'repo_pattern = "rel-{name}"'
+    )
+    plan = tmp_path / "tiny.toml"
+    plan.write_text(plan_text)
+    work = tmp_path / "work"
+    # kill the run while it converts the second variant (the first is then fully pushed)
+    killed = _release(plan, work, hub, env_extra={"QCONVERT_KILL_AT": "tensor-100"})
+    assert killed.returncode == -signal.SIGKILL
+    state = json.loads((work / "release-state.json").read_text())
+    assert state["int8wo"]["status"] == "done" and "fp8wo" not in state
+    first_commits = hub.commit_count("acme/rel-int8wo")
+
+    resumed = _release(plan, work, hub)
+    assert resumed.returncode == 0, resumed.stderr
+    rows = {r["name"]: r for r in json.loads(resumed.stdout)}
+    assert rows["int8wo"]["status"] == "skipped"
+    assert rows["fp8wo"]["status"] == rows["Q8_0"]["status"] == "done"
+    assert hub.commit_count("acme/rel-int8wo") == first_commits
+    counts = {r: hub.commit_count(f"acme/rel-{r}") for r in ("int8wo", "fp8wo", "Q8_0")}
+
+    # a second full run, even from a fresh workdir, pushes nothing
+    again = _release(plan, tmp_path / "fresh", hub)
+    assert again.returncode == 0, again.stderr
+    assert all(r["status"] == "skipped" for r in json.loads(again.stdout))
+    assert {r: hub.commit_count(f"acme/rel-{r}") for r in counts} == counts
