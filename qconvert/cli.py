@@ -50,7 +50,7 @@ class State:
             click.echo(redact(msg), err=True)
 
 
-def _quiet_libraries(verbose: int) -> None:
+def _quiet_libraries(verbose: int, *, torch: bool = True) -> None:
     """Keep third-party chatter (torchao's optional kernels, HF warnings) off the terminal."""
     if verbose >= 2:
         return
@@ -60,7 +60,8 @@ def _quiet_libraries(verbose: int) -> None:
     import logging
     import warnings
 
-    import torch  # noqa: F401 - torch configures its loggers on import; override after
+    if torch:
+        import torch as _torch  # noqa: F401 - torch configures its loggers on import; override after
 
     for name in ("torchao", "torch", "transformers", "diffusers", "accelerate", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -333,7 +334,7 @@ def card_cmd(
     validation results and how to reproduce come from qconvert.json and validation.json.
     Re-rendering the same output gives identical bytes.
     """
-    _quiet_libraries(state.verbose)
+    _quiet_libraries(state.verbose, torch=False)
     from .cards import render_card
 
     path = render_card(
@@ -350,13 +351,14 @@ def card_cmd(
 @click.option("--collection", default=None, help="Also add the repo to this collection (title; created if missing).")
 @click.option("--dry-run", is_flag=True, help="Print the plan (files, commit message, collection); change nothing.")
 @click.option("--no-validate", is_flag=True, help="Publish an output without a passing validation (the card says so).")
-@click.option("--keep-remote-files", is_flag=True, help="Keep repo files the output does not have [they are deleted].")
+@click.option("--keep-remote-files/--delete-remote-files", default=None,
+              help="Keep repo files the output lacks [keep for GGUF, delete for pipeline folders].")
 @click.option("-m", "--message", default=None, help="Commit message [qconvert VERSION: BACKEND SCHEME of SOURCE].")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable result on stdout.")
 @click.pass_obj
 def push_cmd(
     state: State, out: Path, repo_id: str, private: bool, collection: str | None, dry_run: bool,
-    no_validate: bool, keep_remote_files: bool, message: str | None, as_json: bool,
+    no_validate: bool, keep_remote_files: bool | None, message: str | None, as_json: bool,
 ) -> None:
     """Publish OUT to the Hugging Face Hub as one commit (needs a write token in HF_TOKEN).
 
@@ -366,10 +368,11 @@ def push_cmd(
       qconvert push out/flux-int8 --repo-id my-org/FLUX.1-dev-torchao-int8 --collection "FLUX quants"
       qconvert push out/nf4 --repo-id me/flux-nf4 --private
     The output must have passed `qconvert validate` (exit 4 otherwise) unless --no-validate.
-    README.md is (re-)rendered with the repo id. The repo mirrors OUT; pushing an unchanged
-    output makes no commit. Failures exit 5 and leave the repo as it was.
+    README.md is (re-)rendered with the repo id. A pipeline repo mirrors OUT (files OUT lacks
+    are deleted); a GGUF repo keeps its other files (one .gguf per scheme side by side).
+    Pushing an unchanged output makes no commit. Failures exit 5 and leave the repo as it was.
     """
-    _quiet_libraries(state.verbose)
+    _quiet_libraries(state.verbose, torch=False)
     from .publish import push
 
     token = hub_token()

@@ -1,0 +1,569 @@
+"""Model cards: ``OUT/README.md`` for a conversion output, ready for the Hub.
+
+``render_card(out)`` reads ``qconvert.json`` (what was converted, how, file sizes, versions)
+and ``validation.json`` (if present) and renders ``template.md`` with huggingface_hub's
+``ModelCard.from_template``. The card has:
+
+* metadata: ``base_model`` + ``base_model_relation: quantized`` (when the base is a Hub
+  repo), the base model's ``license``/``license_name``/``license_link``, ``library_name``
+  (``diffusers``; ``gguf`` for GGUF outputs), ``pipeline_tag: text-to-image`` and tags
+  ``[quantized, <backend>, <scheme>, flux, qconvert]``;
+* what was quantized (per component: scheme, bytes before/after) and how;
+* a usage snippet for exactly this output (fenced ```python after the marker comment
+  ``<!-- qconvert:usage -->``) with the ``pip install`` line it needs;
+* the validation table (memory, speed, PSNR/SSIM/forward error vs the source, device,
+  versions) and the sample grid, or a clear "not validated" statement;
+* how to reproduce it (the ``qconvert flux`` command) and the license.
+
+Rendering is deterministic (no timestamps, sorted inputs): re-rendering the same output
+gives identical bytes. The card starts with the marker ``<!-- qconvert:card -->`` after its
+front matter; ``qconvert push`` re-renders such a card with the repo id (and leaves a
+hand-written README.md without the marker alone).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError, UsageError
+from .data import (
+    CARD_MARKER,
+    CARD_NAME,
+    DEFAULT_PROMPT,
+    HUB_URL,
+    USAGE_MARKER,
+    CardFacts,
+    card_dtype,
+    component_files,
+    existing_card_metadata,
+    generation_args,
+    install_line,
+    is_generated_card,
+    ordered_components,
+    read_manifest,
+    read_validation,
+    reproduce_command,
+    resolve_license,
+    source_repo_id,
+)
+
+__all__ = [
+    "CARD_MARKER",
+    "CARD_NAME",
+    "USAGE_MARKER",
+    "TEMPLATE_PATH",
+    "card_text",
+    "extract_usage",
+    "is_generated_card",
+    "render_card",
+]
+
+TEMPLATE_PATH = Path(__file__).with_name("template.md")
+
+SCHEME_TEXT = {
+    ("torchao", "int8wo"): "int8 weight-only (torchao `Int8WeightOnlyConfig`)",
+    ("torchao", "fp8wo"): "float8 weight-only (torchao `Float8WeightOnlyConfig`)",
+    ("torchao", "int8dq"): "int8 dynamic activations + int8 weights (torchao `Int8DynamicActivationInt8WeightConfig`)",
+    ("torchao", "int4wo"): "int4 weight-only (torchao `Int4WeightOnlyConfig`, CUDA only)",
+    ("bnb", "nf4"): "4-bit NormalFloat (bitsandbytes nf4, blocks of 64)",
+    ("bnb", "nf4-dq"): "4-bit NormalFloat with double quantization (bitsandbytes nf4)",
+    ("bnb", "fp4"): "4-bit float (bitsandbytes fp4, blocks of 64)",
+    ("bnb", "fp4-dq"): "4-bit float with double quantization (bitsandbytes fp4)",
+    ("bnb", "int8"): "8-bit LLM.int8 (bitsandbytes)",
+}
+
+
+def _human(n: Any) -> str:
+    from ..plan import human_bytes
+
+    return human_bytes(int(n)) if isinstance(n, (int, float)) else "—"
+
+
+def _fmt(value: Any, fmt: str) -> str:
+    return "—" if not isinstance(value, (int, float)) else format(value, fmt)
+
+
+# --- facts ---------------------------------------------------------------------------------
+
+
+def gather(
+    out: Path,
+    *,
+    repo_id: str | None = None,
+    base_model: str | None = None,
+    license: str | None = None,
+    license_name: str | None = None,
+    license_link: str | None = None,
+    command: str | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+) -> CardFacts:
+    from ..sources import looks_like_repo_id
+
+    out = Path(out)
+    manifest = read_manifest(out)
+    validation = read_validation(out)
+    for label, value in (("--base-model", base_model), ("--repo-id", repo_id)):
+        if value is not None and not looks_like_repo_id(value):
+            raise UsageError(f"{label} {value!r} is not a Hub repo id", hint="use the form org/name")
+    if base_model is None:
+        prev = existing_card_metadata(out).get("base_model")
+        base_model = prev if isinstance(prev, str) and prev else source_repo_id(manifest.get("source") or {})
+    lic = resolve_license(
+        out, manifest, base_model, license=license, license_name=license_name, license_link=license_link,
+        token=token, endpoint=endpoint,
+    )  # fmt: skip
+    if command is None:
+        out_name = repo_id.split("/")[-1] if repo_id else out.resolve().name
+        command = reproduce_command(manifest, out_name)
+    from ..errors import redact
+
+    return CardFacts(out, manifest, validation, base_model, lic, repo_id, redact(command))
+
+
+def card_metadata(facts: CardFacts) -> Any:
+    from huggingface_hub import ModelCardData
+
+    tags = list(dict.fromkeys(["quantized", facts.backend, facts.scheme, "flux", "qconvert"]))
+    kwargs: dict[str, Any] = {}
+    if facts.base_model:
+        kwargs["base_model_relation"] = "quantized"
+    return ModelCardData(
+        base_model=facts.base_model,
+        license=facts.license.license,
+        license_name=facts.license.name,
+        license_link=facts.license.link,
+        library_name="gguf" if facts.is_gguf else "diffusers",
+        pipeline_tag="text-to-image",
+        tags=tags,
+        **kwargs,
+    )
+
+
+# --- sections ------------------------------------------------------------------------------
+
+
+def _source_phrase(facts: CardFacts) -> str:
+    ident = facts.manifest.get("source") or {}
+    if ident.get("kind") == "builtin":
+        return (
+            f"qconvert's built-in `{ident.get('name')}` demo pipeline (random weights: it draws noise; "
+            "it exists to show and test the tooling end to end)"
+        )
+    if facts.base_model:
+        return f"[{facts.base_model}]({HUB_URL}/{facts.base_model})"
+    if ident.get("kind") in ("local", "bfl"):
+        return f"the Flux pipeline `{Path(str(ident.get('path', '?'))).name}`"
+    return "a Flux pipeline"
+
+
+def _components(facts: CardFacts) -> list[dict[str, str]]:
+    rows = []
+    for name, c in ordered_components(facts.manifest):
+        if c.get("action") == "quantize":
+            what = SCHEME_TEXT.get((facts.backend, facts.scheme), f"{facts.backend} {facts.scheme}")
+            if facts.is_gguf:
+                files = ", ".join(f"`{f}`" for f in component_files(facts.manifest, name))
+                what = f"GGUF {facts.scheme}: {files}"
+            n, total = c.get("quantized_tensors"), c.get("tensors")
+            if isinstance(n, int) and isinstance(total, int) and total:
+                what += f"; {n} of {total} tensors quantized"
+            after = _human(c.get("bytes_out"))
+        elif facts.is_gguf:
+            what, after = "not included: comes from the base pipeline", "—"
+        else:
+            what, after = "copied unchanged", _human(c.get("bytes_out"))
+        rows.append({"name": name, "what": what, "before": _human(c.get("bytes_in")), "after": after})
+    return rows
+
+
+def _method(facts: CardFacts) -> str:
+    versions = facts.manifest.get("versions") or {}
+    if facts.backend == "torchao":
+        return (
+            f"The weights were quantized ahead of time with torchao {versions.get('torchao', '')} and saved as "
+            "safetensors in the layout diffusers and transformers write for torchao models, so a plain "
+            "`from_pretrained` loads them: nothing is quantized at load time. torchao checkpoints are tied to "
+            "the torchao version that wrote them: install exactly that version (below)."
+        )
+    if facts.backend == "bnb":
+        return (
+            f"The weights were quantized ahead of time with bitsandbytes {versions.get('bitsandbytes', '')} and "
+            "saved in the layout diffusers and transformers write after on-the-fly bitsandbytes quantization "
+            "(the quantization config is in each component's `config.json`), so a plain `from_pretrained` loads "
+            "them. Loading bitsandbytes weights needs a CUDA GPU."
+        )
+    layout = (facts.manifest.get("options") or {}).get("layout") or "bfl"
+    names = (
+        "diffusers tensor names (loads in diffusers at any model width)"
+        if layout == "diffusers"
+        else "Black Forest Labs tensor names, as ComfyUI-GGUF expects (diffusers converts them on load)"
+    )
+    text = (
+        f"Single-file GGUF {facts.scheme} with {names}, following ComfyUI-GGUF's conventions (1-D and small "
+        "tensors and the input/output layers kept in F32). The files hold only the quantized models: the VAE, "
+        "the CLIP text encoder, the tokenizers and the configs come from the base pipeline."
+    )
+    if component_files(facts.manifest, "text_encoder_2"):
+        text += (
+            " transformers dequantizes the T5 GGUF when it loads it (a smaller download, not less memory)."
+        )
+    return text
+
+
+def _base_expr(facts: CardFacts) -> tuple[list[str], str]:
+    """Import lines and the Python expression of the base pipeline (GGUF outputs)."""
+    ident = facts.manifest.get("source") or {}
+    base = ident.get("base") if ident.get("kind") == "bfl" else ident
+    base = base or {}
+    if base.get("kind") == "builtin" and not (facts.base_model and facts.base_model != source_repo_id(base)):
+        return ["from qconvert.tiny import builtin_path"], f"str(builtin_path({json.dumps(base.get('name'))}))"
+    if facts.base_model:
+        return [], json.dumps(facts.base_model)
+    return [], json.dumps(Path(str(base.get("path", "."))).as_posix())
+
+
+def usage_snippet(facts: CardFacts) -> str:
+    repo = facts.repo_id or facts.out.resolve().as_posix()
+    dtype = card_dtype(facts.manifest, facts.validation)
+    gen = generation_args(facts)
+    device = (
+        'pipe.to("cuda")  # bitsandbytes weights need a CUDA GPU'
+        if facts.backend == "bnb"
+        else 'pipe.to("cuda" if torch.cuda.is_available() else "cpu")'
+    )
+    call = [
+        "image = pipe(",
+        f"    {json.dumps(DEFAULT_PROMPT)},",
+        f"    num_inference_steps={gen['steps']},",
+        f"    guidance_scale={gen['guidance']},",
+        f"    height={gen['size']},",
+        f"    width={gen['size']},",
+        "    generator=torch.Generator().manual_seed(0),",
+        ").images[0]",
+        f'image.save("flux-{facts.scheme}.png")',
+    ]
+    if not facts.is_gguf:
+        lines = [
+            "import torch",
+            "from diffusers import FluxPipeline",
+            "",
+            f"pipe = FluxPipeline.from_pretrained({json.dumps(repo)}, dtype=torch.{dtype})",
+            device,
+        ]
+        return "\n".join(lines + call)
+    base_imports, base_expr = _base_expr(facts)
+    flux_files = component_files(facts.manifest, "transformer")
+    t5_files = component_files(facts.manifest, "text_encoder_2")
+    if not flux_files:
+        raise InputError(f"{facts.out}: qconvert.json lists no transformer .gguf file", hint="convert again")
+    imports = ["import torch", "from diffusers import FluxPipeline, FluxTransformer2DModel, GGUFQuantizationConfig"]
+    if t5_files:
+        imports.append("from transformers import T5Config, T5EncoderModel")
+    if facts.repo_id:
+        imports.append("from huggingface_hub import hf_hub_download")
+        gguf_path = f"hf_hub_download(repo, {json.dumps(flux_files[0])})"
+    else:
+        gguf_path = f'f"{{repo}}/{flux_files[0]}"'
+    lines = imports + base_imports + [
+        "",
+        f"repo = {json.dumps(repo)}",
+        f"base = {base_expr}  # the pipeline that supplies the VAE, CLIP, tokenizers and configs",
+        f"dtype = torch.{dtype}",
+        "transformer = FluxTransformer2DModel.from_single_file(",
+        f"    {gguf_path},",
+        "    quantization_config=GGUFQuantizationConfig(compute_dtype=dtype),",
+        "    config=base,",
+        '    subfolder="transformer",',
+        "    dtype=dtype,",
+        ")",
+    ]
+    parts = "transformer=transformer"
+    if t5_files:
+        lines += [
+            "text_encoder_2 = T5EncoderModel.from_pretrained(",
+            f"    repo, gguf_file={json.dumps(t5_files[0])},",
+            '    config=T5Config.from_pretrained(base, subfolder="text_encoder_2"), dtype=dtype,',
+            ")",
+        ]
+        parts += ", text_encoder_2=text_encoder_2"
+    lines += [f"pipe = FluxPipeline.from_pretrained(base, {parts}, dtype=dtype)", device]
+    return "\n".join(lines + call)
+
+
+def _usage_note(facts: CardFacts) -> str:
+    if facts.repo_id:
+        return ""
+    return (
+        "The snippet loads this folder from disk; once it is on the Hub, `qconvert push` rewrites it "
+        "with the repo id."
+    )
+
+
+_CHECK_LABELS = {
+    "finite_images": "finite images",
+    "memory_reduction": "transformer memory reduction",
+    "forward_rel_error": "transformer forward error (relative)",
+    "t5_rel_error": "T5 output error (relative)",
+    "psnr": "PSNR vs reference",
+    "ssim": "SSIM vs reference",
+    "max_memory": "peak memory",
+    "max_step_time": "time per step",
+}
+
+
+def _check_value(name: str, value: Any) -> str:
+    if not isinstance(value, (int, float)):
+        return "—"
+    if name == "finite_images":
+        return "yes" if value >= 1 else "no"
+    if name == "memory_reduction":
+        return f"{value:.2f}×"
+    if name == "psnr":
+        return f"{value:.2f} dB"
+    if name == "max_memory":
+        return _human(value)
+    if name == "max_step_time":
+        return f"{value:.4f} s"
+    return f"{value:.4f}"
+
+
+def _validation(facts: CardFacts) -> dict[str, Any] | None:
+    v = facts.validation
+    if not v:
+        return None
+    q = v.get("quantized") or {}
+    r = v.get("reference") or {}
+    stats = []
+    for label, key, kind in (
+        ("transformer weights in memory", "transformer_bytes", "bytes"),
+        ("T5 weights in memory", "text_encoder_2_bytes", "bytes"),
+        ("memory after load", "memory_after_load", "bytes"),
+        ("peak memory while generating", "peak_memory", "bytes"),
+        ("time per denoising step", "step_s", "s"),
+        ("load time", "load_s", "s"),
+    ):
+        f = _human if kind == "bytes" else (lambda x: f"{_fmt(x, '.4f')} s" if isinstance(x, (int, float)) else "—")
+        stats.append({"label": label, "quantized": f(q.get(key)), "reference": f(r.get(key)) if r else "—"})
+    checks = []
+    for c in v.get("checks") or []:
+        name = str(c.get("name"))
+        limit = c.get("limit")
+        op = {">=": "≥", "<=": "≤"}.get(str(c.get("op")), str(c.get("op")))
+        checks.append({
+            "name": _CHECK_LABELS.get(name, name),
+            "value": _check_value(name, c.get("value")),
+            "limit": "" if limit is None or name == "finite_images" else f"{op} {_check_value(name, limit)}",
+            "result": "pass" if c.get("passed") else "**FAIL**",
+        })  # fmt: skip
+    quality = v.get("quality") or {}
+    if quality.get("lpips") is None:
+        note = str(quality.get("lpips_note") or "not measured")
+        checks.append({"name": "LPIPS", "value": "—", "limit": "", "result": note})
+    s = v.get("settings") or {}
+    env = v.get("environment") or {}
+    device = str(env.get("device") or s.get("device") or "?")
+    dev_name = env.get("device_name")
+    mem_note = (
+        " Memory is CUDA allocated memory."
+        if device.startswith("cuda")
+        else " On CPU, memory is the growth of the process's resident memory (RSS), a rough measure."
+    )
+    n_prompts = len(s.get("prompts") or [])
+    setup = (
+        f"Measured on {device}{f' ({dev_name})' if dev_name else ''} in {s.get('dtype', '?')}: "
+        f"{n_prompts} prompt{'s' if n_prompts != 1 else ''}, seed {s.get('seed', 0)}, {s.get('steps', '?')} steps at "
+        f"{s.get('size', '?')}×{s.get('size', '?')}, against the unquantized source; time per step is the median "
+        f"without each prompt's first step.{mem_note}"
+    )
+    versions = env.get("versions") or {}
+    keep = ["torch", "diffusers", "transformers", {"torchao": "torchao", "bnb": "bitsandbytes", "gguf": "gguf"}.get(facts.backend, ""), "qconvert"]
+    vtext = ", ".join(f"{k} {versions[k]}" for k in keep if k and versions.get(k))
+    passed = bool(v.get("passed"))
+    failed = [str(x) for x in v.get("failed") or []]
+    summary = (
+        "**Passed**: every check below holds." if passed
+        else f"**Failed** ({', '.join(failed) or 'see below'}): this output did not meet qconvert's thresholds."
+    )  # fmt: skip
+    return {"summary": summary, "stats": stats, "checks": checks, "setup": setup, "versions": f"Versions: {vtext}."}
+
+
+def _warning(facts: CardFacts) -> str:
+    v = facts.validation
+    if not v:
+        return (
+            "This output was **not validated**: qconvert did not load it, generate with it and compare it with "
+            "the source before publishing. Use it with care."
+        )
+    if not v.get("passed"):
+        failed = ", ".join(str(x) for x in v.get("failed") or []) or "see the table"
+        return f"This output **failed validation** ({failed}) and was published anyway. Use it with care."
+    return ""
+
+
+def _license_text(facts: CardFacts) -> str:
+    lic = facts.license
+    ident = facts.manifest.get("source") or {}
+    files = sorted(p.name for p in facts.out.glob("LICENSE*") if p.is_file())
+    if ident.get("kind") == "builtin":
+        name = "the Apache License 2.0 (`apache-2.0`)" if lic.license == "apache-2.0" else f"`{lic.license}`"
+        text = (
+            f"The weights of the built-in `{ident.get('name')}` demo are random numbers generated by qconvert; "
+            f"this output is released under {name}."
+        )
+    else:
+        of = f" of {facts.base_model}" if facts.base_model else ""
+        text = f"These weights are a quantized derivative{of} and are distributed under its license: `{lic.license}`"
+        if lic.name:
+            text += f" ({lic.name})"
+        text += "."
+        if lic.link:
+            text += f" See [{lic.link}]({lic.link})."
+    if files:
+        text += " The license file" + ("s" if len(files) > 1 else "") + " of the base model "
+        text += ("are" if len(files) > 1 else "is") + " included: " + ", ".join(f"[{f}]({f})" for f in files) + "."
+    return text
+
+
+# --- rendering -----------------------------------------------------------------------------
+
+
+def card_text(
+    out: Path | str,
+    *,
+    base_model: str | None = None,
+    license: str | None = None,
+    license_name: str | None = None,
+    license_link: str | None = None,
+    command: str | None = None,
+    repo_id: str | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+) -> str:
+    """The card for ``out`` as text (nothing written)."""
+    from huggingface_hub import ModelCard
+
+    from .. import __version__
+
+    facts = gather(
+        Path(out), repo_id=repo_id, base_model=base_model, license=license, license_name=license_name,
+        license_link=license_link, command=command, token=token, endpoint=endpoint,
+    )  # fmt: skip
+    m = facts.manifest
+    ident = m.get("source") or {}
+    builtin = ident.get("kind") == "builtin"
+    title = repo_id.split("/")[-1] if repo_id else f"{_short_source(ident)} ({facts.backend} {facts.scheme})"
+    t = (m.get("components") or {}).get("transformer") or {}
+    ratio = ""
+    if isinstance(t.get("bytes_in"), int) and t.get("bytes_out"):
+        ratio = (
+            f" The transformer's weights shrink from {_human(t['bytes_in'])} to {_human(t['bytes_out'])} "
+            f"({t['bytes_in'] / t['bytes_out']:.1f}× smaller on disk)."
+        )
+    loader = "`FluxTransformer2DModel.from_single_file`" if facts.is_gguf else "one `FluxPipeline.from_pretrained` call"
+    intro = (
+        f"A **{facts.backend} {facts.scheme}** pre-quantized version of {_source_phrase(facts)}, a FLUX "
+        f"text-to-image pipeline, made with qconvert {m.get('qconvert_version', __version__)}. It loads with "
+        f"{loader}.{ratio}"
+    )
+    grid = "samples/grid.png" if (facts.out / "samples" / "grid.png").is_file() else ""
+    out_label = repo_id.split("/")[-1] if repo_id else Path(out).resolve().name
+    reproduce = facts.command + f"\nqconvert validate {out_label}"
+    not_validated = (
+        "**Not validated.** `qconvert validate` was not run on this output (or it was skipped with "
+        f"`--no-validate`), so there are no memory, speed or quality measurements. Run `qconvert validate "
+        f"{out_label}` to load it as a user would, generate, and compare it with the source."
+    )
+    card = ModelCard.from_template(
+        card_metadata(facts),
+        template_path=str(TEMPLATE_PATH),
+        title=title,
+        intro=intro,
+        warning=_warning(facts),
+        components=_components(facts),
+        total_before=_human(m.get("bytes_in")),
+        total_after=_human(m.get("bytes_out")),
+        method=_method(facts),
+        install=install_line(m, builtin_base=facts.is_gguf and builtin and "builtin_path" in _base_expr(facts)[1]),
+        usage=usage_snippet(facts),
+        usage_note=_usage_note(facts),
+        validation=_validation(facts),
+        grid=grid,
+        not_validated=not_validated,
+        reproduce=reproduce,
+        qconvert_version=m.get("qconvert_version", __version__),
+        license_text=_license_text(facts),
+    )
+    text = str(card).rstrip("\n") + "\n"
+    check_card(text)
+    return text
+
+
+def _short_source(ident: dict[str, Any]) -> str:
+    kind = ident.get("kind")
+    if kind == "builtin":
+        return str(ident.get("name"))
+    if kind == "hub":
+        return str(ident.get("repo_id", "?")).split("/")[-1]
+    return Path(str(ident.get("path", "flux"))).name.removesuffix(".safetensors")
+
+
+def check_card(text: str) -> None:
+    """The Hub's metadata rules, checked locally: YAML parses, round-trips, types are right."""
+    import yaml
+    from huggingface_hub import ModelCard
+
+    card = ModelCard(text)
+    data = card.data.to_dict()
+    if yaml.safe_load(card.data.to_yaml()) != data:  # pragma: no cover - a bug in the card data
+        raise AssertionError("card metadata does not round-trip")
+    for key in ("library_name", "pipeline_tag", "license", "license_name", "license_link", "base_model", "base_model_relation"):
+        if key in data and not isinstance(data[key], str):  # pragma: no cover
+            raise AssertionError(f"card metadata {key} must be a string")
+    if not isinstance(data.get("tags"), list) or not all(isinstance(t, str) for t in data["tags"]):  # pragma: no cover
+        raise AssertionError("card metadata tags must be a list of strings")
+    if data.get("base_model_relation") not in (None, "quantized"):  # pragma: no cover
+        raise AssertionError("base_model_relation must be 'quantized'")
+
+
+def render_card(
+    out: Path | str,
+    *,
+    base_model: str | None = None,
+    license: str | None = None,
+    license_name: str | None = None,
+    license_link: str | None = None,
+    command: str | None = None,
+    repo_id: str | None = None,
+    token: str | None = None,
+    endpoint: str | None = None,
+) -> Path:
+    """Write ``out/README.md`` (see the module docstring); returns its path.
+
+    A README.md that qconvert did not write (no card marker) is never overwritten.
+    """
+    path = Path(out) / CARD_NAME
+    if path.is_file() and not is_generated_card(path):
+        raise UsageError(
+            f"{path} was not written by qconvert; not overwriting it",
+            hint="move it away to let qconvert render the card",
+        )
+    text = card_text(
+        out, base_model=base_model, license=license, license_name=license_name, license_link=license_link,
+        command=command, repo_id=repo_id, token=token, endpoint=endpoint,
+    )  # fmt: skip
+    tmp = path.with_name(f".{CARD_NAME}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def extract_usage(text: str) -> str:
+    """The usage snippet of a rendered card (the ```python block after the usage marker)."""
+    i = text.find(USAGE_MARKER)
+    if i < 0:
+        raise ValueError("the card has no usage snippet")
+    start = text.index("```python\n", i) + len("```python\n")
+    return text[start : text.index("\n```", start)] + "\n"

@@ -1,0 +1,377 @@
+"""The facts a model card is made of, gathered from an output folder and its source.
+
+Everything here is deterministic: the same output folder (``qconvert.json``,
+``validation.json``, files) gives the same facts, so the rendered card is byte-identical.
+
+* Base model: ``--base-model``, else the ``base_model`` of an earlier qconvert card in the
+  folder, else the Hub repo the output was converted from (a Hub source, the ``--base`` of
+  a BFL single-file source, or a local folder inside a Hub cache
+  ``models--org--name/snapshots/<sha>``). Built-in demo pipelines have none.
+* License: ``--license`` (with ``--license-name``/``--license-link``), else an earlier
+  qconvert card in the folder (so ``qconvert push`` re-renders with what ``qconvert card``
+  was told), else the base model's own card (``README.md`` front matter of the source
+  folder, or of the Hub repo through the local cache). The built-in demos are random
+  weights made by qconvert and are Apache-2.0. Nothing found: :class:`InputError`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError, UsageError
+
+CARD_MARKER = "<!-- qconvert:card -->"
+USAGE_MARKER = "<!-- qconvert:usage -->"
+CARD_NAME = "README.md"
+BUILTIN_LICENSE = "apache-2.0"
+HUB_URL = "https://huggingface.co"
+DEFAULT_PROMPT = "a photo of a cat sitting on a red car"
+_HUB_CACHE_DIR = re.compile(r"^models--([^/]+?)--([^/]+)$")
+
+# Pipeline order for the tables: what was quantized first.
+_ORDER = ("transformer", "text_encoder_2", "text_encoder", "vae", "tokenizer", "tokenizer_2", "scheduler")
+_DEFAULT_COMPONENTS = ["transformer", "text_encoder_2"]
+_INSTALL_EXTRA = {"torchao": "torchao", "bnb": "bitsandbytes", "gguf": "gguf"}
+
+
+@dataclass
+class LicenseInfo:
+    license: str
+    name: str | None = None
+    link: str | None = None
+    origin: str = ""  # where it came from, for the card's license section
+
+
+@dataclass
+class CardFacts:
+    out: Path
+    manifest: dict[str, Any]
+    validation: dict[str, Any] | None
+    base_model: str | None
+    license: LicenseInfo
+    repo_id: str | None
+    command: str
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def backend(self) -> str:
+        return str(self.manifest["backend"])
+
+    @property
+    def scheme(self) -> str:
+        return str(self.manifest["scheme"])
+
+    @property
+    def is_gguf(self) -> bool:
+        return self.manifest.get("layout") == "gguf"
+
+
+# --- reading -------------------------------------------------------------------------------
+
+
+def read_manifest(out: Path) -> dict[str, Any]:
+    from ..convert import MANIFEST_NAME
+
+    out = Path(out)
+    if not out.is_dir():
+        raise InputError(f"{out} is not a folder", hint="pass the --out folder of a qconvert conversion")
+    path = out / MANIFEST_NAME
+    if not path.is_file():
+        raise InputError(f"{out} has no {MANIFEST_NAME}: not a qconvert output", hint="convert with `qconvert flux` first")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        raise InputError(f"{path} is not readable JSON", hint="convert again") from None
+    if not isinstance(data, dict) or "backend" not in data or "components" not in data:
+        raise InputError(f"{path} is not a qconvert manifest", hint="convert again")
+    return data
+
+
+def read_validation(out: Path) -> dict[str, Any] | None:
+    from ..validate import VALIDATION_NAME
+
+    path = Path(out) / VALIDATION_NAME
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        raise InputError(f"{path} is not readable JSON", hint=f"run `qconvert validate {out}` again") from None
+    return data if isinstance(data, dict) else None
+
+
+def front_matter(path: Path) -> dict[str, Any] | None:
+    """YAML metadata of a card file, or None (no file, no block, unparsable)."""
+    from huggingface_hub.repocard import metadata_load
+
+    try:
+        data = metadata_load(path)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    except Exception:  # noqa: BLE001 - yaml errors: a broken base card is "no card"
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def existing_card_metadata(out: Path) -> dict[str, Any]:
+    """Metadata of a card qconvert wrote earlier into ``out`` ({} for none or a hand-written one)."""
+    path = Path(out) / CARD_NAME
+    if not path.is_file():
+        return {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return {}
+    if CARD_MARKER not in text:
+        return {}
+    return front_matter(path) or {}
+
+
+def is_generated_card(path: Path) -> bool:
+    try:
+        return CARD_MARKER in Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def hub_repo_from_path(path: str | Path) -> str | None:
+    """``org/name`` for a folder inside a Hub cache (``models--org--name/snapshots/<sha>``)."""
+    parts = Path(path).parts
+    for i, part in enumerate(parts):
+        m = _HUB_CACHE_DIR.match(part)
+        if m and i + 1 < len(parts) and parts[i + 1] == "snapshots":
+            return f"{m.group(1)}/{m.group(2)}"
+    return None
+
+
+def source_repo_id(identity: dict[str, Any]) -> str | None:
+    """The Hub repo id a manifest's source identity points at, if any."""
+    kind = identity.get("kind")
+    if kind == "hub":
+        return identity.get("repo_id")
+    if kind == "local":
+        return hub_repo_from_path(identity.get("path", ""))
+    if kind == "bfl":
+        return source_repo_id(identity.get("base") or {})
+    return None
+
+
+def source_revision(identity: dict[str, Any]) -> str | None:
+    kind = identity.get("kind")
+    if kind == "hub":
+        return identity.get("revision")
+    if kind == "local":
+        parts = Path(identity.get("path", "")).parts
+        if len(parts) >= 2 and parts[-2] == "snapshots":
+            return parts[-1]
+    if kind == "bfl":
+        return source_revision(identity.get("base") or {})
+    return None
+
+
+def _base_card(identity: dict[str, Any], *, token: str | None, endpoint: str | None) -> tuple[dict[str, Any] | None, str]:
+    """Front matter of the source's own README.md, and a label for where it was read."""
+    kind = identity.get("kind")
+    if kind == "bfl":
+        return _base_card(identity.get("base") or {}, token=token, endpoint=endpoint)
+    if kind == "local":
+        folder = Path(identity.get("path", ""))
+        return front_matter(folder / CARD_NAME), f"{folder.name}/README.md"
+    if kind == "hub":
+        repo_id, revision = identity.get("repo_id"), identity.get("revision")
+        if not repo_id:
+            return None, ""
+        path = _hub_readme(repo_id, revision, token=token, endpoint=endpoint)
+        return (front_matter(path) if path else None), f"the card of {repo_id}"
+    return None, ""
+
+
+def _hub_readme(repo_id: str, revision: str | None, *, token: str | None, endpoint: str | None) -> Path | None:
+    """The base repo's README.md: from the local cache (snapshot_download put it there), else the Hub."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(repo_id, CARD_NAME, revision=revision)
+    except Exception:  # noqa: BLE001 - a malformed revision: just go to the Hub
+        cached = None
+    if isinstance(cached, str):
+        return Path(cached)
+    try:
+        return Path(hf_hub_download(repo_id, CARD_NAME, revision=revision, token=token, endpoint=endpoint))
+    except Exception:  # noqa: BLE001 - offline, gated, no README: "no license found"
+        return None
+
+
+def _license_from(meta: dict[str, Any] | None, origin: str) -> LicenseInfo | None:
+    if not meta:
+        return None
+    lic = meta.get("license")
+    if isinstance(lic, list):
+        lic = lic[0] if lic else None
+    if not isinstance(lic, str) or not lic.strip():
+        return None
+    name = meta.get("license_name")
+    link = meta.get("license_link")
+    return LicenseInfo(
+        lic.strip(),
+        name if isinstance(name, str) and name else None,
+        link if isinstance(link, str) and link else None,
+        origin,
+    )
+
+
+def resolve_license(
+    out: Path,
+    manifest: dict[str, Any],
+    base_model: str | None,
+    *,
+    license: str | None,
+    license_name: str | None,
+    license_link: str | None,
+    token: str | None,
+    endpoint: str | None,
+) -> LicenseInfo:
+    if license:
+        if license == "other" and not license_name:
+            raise UsageError(
+                "--license other needs --license-name (and usually --license-link)",
+                hint="e.g. --license other --license-name flux-1-dev-non-commercial-license --license-link LICENSE.md",
+            )
+        info = LicenseInfo(license, license_name, license_link, "given")
+    else:
+        if license_name or license_link:
+            raise UsageError("--license-name/--license-link need --license")
+        identity = manifest.get("source") or {}
+        # an earlier qconvert card keeps what was chosen then (e.g. `qconvert card --license`)
+        info = _license_from(existing_card_metadata(out), "the existing card")
+        if info is None and identity.get("kind") == "builtin":
+            info = LicenseInfo(BUILTIN_LICENSE, None, None, "builtin")
+        if info is None:
+            meta, origin = _base_card(identity, token=token, endpoint=endpoint)
+            info = _license_from(meta, origin)
+        if info is None and base_model and base_model != source_repo_id(identity):
+            path = _hub_readme(base_model, None, token=token, endpoint=endpoint)
+            info = _license_from(front_matter(path) if path else None, f"the card of {base_model}")
+        if info is None:
+            what = base_model or _source_label(identity)
+            raise InputError(
+                f"no license found for the base model {what} (its card declares none)",
+                hint="pass --license (e.g. --license apache-2.0, or --license other --license-name NAME --license-link URL)",
+            )
+    # A relative license_link points into the base repo; keep it only if the file came along.
+    if info.link and "://" not in info.link and not (Path(out) / info.link).is_file():
+        info.link = f"{HUB_URL}/{base_model}/blob/main/{info.link}" if base_model else None
+    return info
+
+
+def _source_label(identity: dict[str, Any]) -> str:
+    kind = identity.get("kind")
+    if kind == "builtin":
+        return str(identity.get("name"))
+    if kind == "hub":
+        return str(identity.get("repo_id"))
+    if kind in ("local", "bfl"):
+        return Path(str(identity.get("path", "?"))).name
+    return "?"
+
+
+def reproduce_command(manifest: dict[str, Any], out_name: str) -> str:
+    """The ``qconvert flux`` command that makes this output again (no local absolute paths)."""
+    ident = manifest.get("source") or {}
+    kind = ident.get("kind")
+    args = ["qconvert", "flux"]
+    if kind == "builtin":
+        args += ["--source", str(ident.get("name"))]
+    elif kind == "hub":
+        args += ["--source", str(ident.get("repo_id"))]
+        if ident.get("revision"):
+            args += ["--revision", str(ident["revision"])]
+    elif kind == "local":
+        repo = hub_repo_from_path(ident.get("path", ""))
+        rev = source_revision(ident)
+        if repo:
+            args += ["--source", repo] + (["--revision", rev] if rev else [])
+        else:
+            args += ["--source", "./" + Path(str(ident.get("path", "source"))).name]
+    elif kind == "bfl":
+        args += ["--source", Path(str(ident.get("path", "model.safetensors"))).name]
+        base = ident.get("base") or {}
+        base_spec = base.get("name") or base.get("repo_id") or source_repo_id(base)
+        if not base_spec and base.get("path"):
+            base_spec = "./" + Path(str(base["path"])).name
+        if base_spec:
+            args += ["--base", str(base_spec)]
+        if base.get("revision"):
+            args += ["--revision", str(base["revision"])]
+    args += ["--backend", str(manifest["backend"]), "--scheme", str(manifest["scheme"])]
+    opts = manifest.get("options") or {}
+    comps = opts.get("components")
+    if comps and list(comps) != _DEFAULT_COMPONENTS:
+        args += ["--components", ",".join(comps)]
+    for key, flag in (("layout", "--layout"), ("compute_dtype", "--compute-dtype"), ("max_shard_size", "--max-shard-size")):
+        if opts.get(key) is not None:
+            args += [flag, str(opts[key])]
+    args += ["--out", out_name]
+    import shlex
+
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def install_line(manifest: dict[str, Any], *, builtin_base: bool) -> str:
+    versions = manifest.get("versions") or {}
+    pkgs = []
+    for pkg in ("diffusers", "transformers"):
+        v = versions.get(pkg)
+        pkgs.append(f'"{pkg}>={v}"' if v else pkg)
+    pkgs.append("accelerate")
+    extra = _INSTALL_EXTRA.get(str(manifest.get("backend")))
+    if extra:
+        v = versions.get(extra)
+        # torchao checkpoints are tied to the torchao version that wrote them
+        op = "==" if extra == "torchao" else ">="
+        pkgs.append(f'"{extra}{op}{v}"' if v else extra)
+    if builtin_base:
+        pkgs.append(f'"qconvert=={versions.get("qconvert", "")}"' if versions.get("qconvert") else "qconvert")
+    return "pip install " + " ".join(pkgs)
+
+
+def card_dtype(manifest: dict[str, Any], validation: dict[str, Any] | None) -> str:
+    if validation and isinstance(validation.get("settings"), dict) and validation["settings"].get("dtype"):
+        return str(validation["settings"]["dtype"])
+    if (manifest.get("source") or {}).get("kind") == "builtin":
+        return "float32"
+    return "bfloat16"
+
+
+def _transformer_config(out: Path) -> dict[str, Any]:
+    path = Path(out) / "transformer" / "config.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def generation_args(facts: CardFacts) -> dict[str, Any]:
+    """Steps/size/guidance for the usage snippet."""
+    builtin = (facts.manifest.get("source") or {}).get("kind") == "builtin"
+    if builtin:  # random-weight demo pipelines: tiny images, few steps
+        return {"steps": 2, "size": 32, "guidance": 3.5}
+    guidance = _transformer_config(facts.out).get("guidance_embeds", True)
+    if guidance is False:  # FLUX.1-schnell-style: distilled, no guidance
+        return {"steps": 4, "size": 1024, "guidance": 0.0}
+    return {"steps": 28, "size": 1024, "guidance": 3.5}
+
+
+def component_files(manifest: dict[str, Any], name: str) -> list[str]:
+    comp = (manifest.get("components") or {}).get(name) or {}
+    return sorted((comp.get("files") or {}).keys())
+
+
+def ordered_components(manifest: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    comps = manifest.get("components") or {}
+    names = sorted(comps, key=lambda n: (comps[n].get("action") != "quantize", _ORDER.index(n) if n in _ORDER else 99, n))
+    return [(n, comps[n]) for n in names]

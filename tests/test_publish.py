@@ -1,0 +1,217 @@
+"""qconvert push against the local test Hub (tests/hubserver): one commit, idempotent, safe."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import assert_one_line_error, run_cli, tree_hashes
+from qconvert.errors import AuthError, PublishError, ValidationFailed
+from qconvert.publish import push
+from test_cards import shared_validated_int8
+
+_OUTPUTS: list[str] = []  # every CLI stdout/stderr of this module, checked for the token at the end
+
+
+@pytest.fixture(scope="module")
+def int8_out(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("publish") / "tiny-flux-int8wo"
+    shutil.copytree(shared_validated_int8(tmp_path_factory), out)
+    return out
+
+
+def _push_cli(*args: str, env: dict | None = None):
+    proc = run_cli("push", *args, env=env)
+    _OUTPUTS.append(proc.stdout + proc.stderr)
+    return proc
+
+
+def _writes(hub) -> int:
+    return sum(hub.count_requests(method=m) for m in ("POST", "PUT", "DELETE", "PATCH")) - hub.count_requests(
+        method="POST", substring="/paths-info/"
+    )
+
+
+@pytest.mark.slow
+def test_push_download_generate_and_repush(hub, hub_env, int8_out, tmp_path):
+    repo = "acme/tiny-int8-push"
+    proc = _push_cli(str(int8_out), "--repo-id", repo)
+    assert proc.returncode == 0, proc.stderr
+    assert "pushed: commit" in proc.stdout
+    assert hub.commit_count(repo) == 2  # the initial .gitattributes commit + ONE commit of ours
+    files = hub.files(repo)
+    local = {p for p in tree_hashes(int8_out)}
+    assert local <= set(files) and set(files) - local == {".gitattributes"}
+    readme = hub.read_file(repo, "README.md").decode()
+    assert f'FluxPipeline.from_pretrained("{repo}"' in readme
+    assert "qconvert 0.1.0: torchao int8wo of tiny-flux" == hub.commits(repo)[0]["title"]
+
+    # a user downloads it and generates
+    import torch
+    from diffusers import FluxPipeline
+    from huggingface_hub import snapshot_download
+
+    folder = snapshot_download(repo, endpoint=hub.endpoint, token=hub.token, cache_dir=tmp_path / "dl")
+    assert tree_hashes(Path(folder)) == {k: v for k, v in tree_hashes(int8_out).items()} | {
+        ".gitattributes": tree_hashes(Path(folder))[".gitattributes"]
+    }
+    pipe = FluxPipeline.from_pretrained(folder, dtype=torch.float32)
+    image = pipe("a cat", num_inference_steps=2, height=32, width=32, output_type="pt",
+                 generator=torch.Generator().manual_seed(0), max_sequence_length=32).images  # fmt: skip
+    assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()
+
+    # the same output again: nothing to commit, and it says so
+    again = push(int8_out, repo, token=hub.token, endpoint=hub.endpoint)
+    assert not again.committed and again.up_to_date and not again.uploads
+    assert "already up to date" in again.render() and "no commit made" in again.render()
+    assert hub.commit_count(repo) == 2
+
+
+def test_dry_run_changes_nothing(hub, hub_env, int8_out):
+    repo = "acme/tiny-int8-dry"
+    before_files = tree_hashes(int8_out)
+    writes = _writes(hub)
+    proc = _push_cli(str(int8_out), "--repo-id", repo, "--dry-run", "--collection", "Dry quants")
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert f"repo: {repo} (public, will be created)" in out
+    assert "upload    transformer/diffusion_pytorch_model.safetensors" in out
+    assert "commit message: qconvert 0.1.0: torchao int8wo of tiny-flux" in out
+    assert "collection: Dry quants" in out and "dry run: nothing was changed" in out
+    assert not hub.repo_exists(repo)
+    assert _writes(hub) == writes
+    assert tree_hashes(int8_out) == before_files  # not even README.md was written
+
+
+def test_private_repo_and_collection_are_idempotent(hub, hub_env, int8_out):
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    repo = "acme/tiny-int8-private"
+    res = push(int8_out, repo, token=hub.token, endpoint=hub.endpoint, private=True, collection="Tiny quants")
+    assert res.committed and res.private and res.collection_slug
+    assert HfApi(endpoint=hub.endpoint, token=hub.token).model_info(repo).private
+    with pytest.raises(RepositoryNotFoundError):
+        HfApi(endpoint=hub.endpoint, token=hub.other_token).model_info(repo)
+
+    api = HfApi(endpoint=hub.endpoint, token=hub.token)
+    coll = api.get_collection(res.collection_slug)
+    assert coll.title == "Tiny quants" and [i.item_id for i in coll.items] == [repo]
+    assert coll.items[0].note.startswith("torchao int8wo, ")
+
+    commits = hub.commit_count(repo)
+    again = push(int8_out, repo, token=hub.token, endpoint=hub.endpoint, private=True, collection="Tiny quants")
+    assert not again.committed and again.up_to_date and again.collection_slug == res.collection_slug
+    assert hub.commit_count(repo) == commits
+    # (raw GET: the test hub's list answer carries "position", which HfApi.list_collections chokes on)
+    import requests
+
+    listed = requests.get(f"{hub.endpoint}/api/collections", params={"owner": "acme"}, timeout=10).json()
+    assert [c["title"] for c in listed].count("Tiny quants") == 1
+    assert [i.item_id for i in api.get_collection(res.collection_slug).items] == [repo]
+
+
+def test_bad_tokens_fail_with_one_line(hub, hub_env, int8_out):
+    repo = "acme/tiny-int8-badtoken"
+    proc = _push_cli(str(int8_out), "--repo-id", repo, env={"HF_TOKEN": "hf_wrongwrongwrongwrong123"})
+    line = assert_one_line_error(proc, code=5, contains="token")
+    assert "HF_TOKEN" in line and "hf_wrongwrong" not in proc.stderr
+    assert not hub.repo_exists(repo)
+    with pytest.raises(AuthError, match="read-only"):
+        push(int8_out, repo, token=hub.read_token, endpoint=hub.endpoint)
+    with pytest.raises(AuthError, match="no Hub token"):
+        push(int8_out, repo, token=None, endpoint=hub.endpoint)
+    with pytest.raises(PublishError, match="namespace nobody"):
+        push(int8_out, "nobody/tiny", token=hub.token, endpoint=hub.endpoint)
+    assert not hub.repo_exists(repo)
+
+
+def test_failed_upload_leaves_no_commit_and_rerun_completes(hub, hub_env, int8_out):
+    repo = "acme/tiny-int8-flaky"
+    hub.fail_next("/_lfs/", status=507, method="PUT")  # LFS upload fails for good (not retried)
+    proc = _push_cli(str(int8_out), "--repo-id", repo)
+    assert_one_line_error(proc, code=5, contains="nothing was committed")
+    assert hub.commit_count(repo) == 1  # only the initial commit of create_repo
+
+    hub.fail_next("/commit/", status=507)  # the commit POST itself fails for good
+    with pytest.raises(PublishError, match="HTTP 507"):
+        push(int8_out, repo, token=hub.token, endpoint=hub.endpoint)
+    assert hub.commit_count(repo) == 1
+
+    hub.fail_next("/commit/", status="drop")  # a dropped connection: retried, one commit
+    res = push(int8_out, repo, token=hub.token, endpoint=hub.endpoint)
+    assert res.committed and hub.commit_count(repo) == 2
+    assert set(tree_hashes(int8_out)) <= set(hub.files(repo))
+    hub.clear_faults()
+
+
+def test_unvalidated_and_failed_outputs_are_refused(hub, hub_env, int8_out, tmp_path):
+    unvalidated = tmp_path / "unvalidated"
+    shutil.copytree(int8_out, unvalidated)
+    (unvalidated / "validation.json").unlink()
+    (unvalidated / "README.md").unlink(missing_ok=True)
+    repo = "acme/tiny-int8-unvalidated"
+    proc = _push_cli(str(unvalidated), "--repo-id", repo)
+    assert_one_line_error(proc, code=4, contains="not validated")
+    assert not hub.repo_exists(repo)
+
+    res = push(unvalidated, repo, token=hub.token, endpoint=hub.endpoint, allow_unvalidated=True)
+    assert res.committed and res.validated == "not validated"
+    card = hub.read_file(repo, "README.md").decode()
+    assert "**not validated**" in card and "**Not validated.**" in card
+
+    failed = tmp_path / "failed"
+    shutil.copytree(int8_out, failed)
+    report = json.loads((failed / "validation.json").read_text())
+    report["passed"], report["failed"] = False, ["psnr"]
+    (failed / "validation.json").write_text(json.dumps(report))
+    with pytest.raises(ValidationFailed, match="failed validation"):
+        push(failed, "acme/tiny-int8-failed", token=hub.token, endpoint=hub.endpoint)
+    res = push(failed, "acme/tiny-int8-failed", token=hub.token, endpoint=hub.endpoint, allow_unvalidated=True)
+    assert res.committed and res.validated == "failed"
+    assert "**failed validation** (psnr)" in hub.read_file("acme/tiny-int8-failed", "README.md").decode()
+
+
+def test_repo_mirrors_the_output(hub, hub_env, int8_out, tmp_path):
+    repo = "acme/tiny-int8-mirror"
+    push(int8_out, repo, token=hub.token, endpoint=hub.endpoint)
+    smaller = tmp_path / "smaller"
+    shutil.copytree(int8_out, smaller)
+    shutil.rmtree(smaller / "samples")
+    plan = push(smaller, repo, token=hub.token, endpoint=hub.endpoint, dry_run=True)
+    assert sorted(f.path for f in plan.deletions) == sorted(f"samples/{p.name}" for p in (int8_out / "samples").iterdir())
+    kept = push(smaller, repo, token=hub.token, endpoint=hub.endpoint, keep_remote_files=True)
+    assert not kept.deletions and [f.path for f in kept.uploads] == ["README.md"]  # no grid to show any more
+    assert "samples/grid.png" in hub.files(repo)
+    res = push(smaller, repo, token=hub.token, endpoint=hub.endpoint)
+    assert res.committed and len(res.deletions) == len(plan.deletions) and not res.uploads
+    assert not any(p.startswith("samples/") for p in hub.files(repo))
+
+
+def test_hand_written_readme_is_published_as_is(hub, hub_env, int8_out, tmp_path):
+    own = tmp_path / "own"
+    shutil.copytree(int8_out, own)
+    (own / "README.md").write_text("---\nlicense: mit\n---\n# my card\n")
+    plan = push(own, "acme/tiny-int8-own", token=hub.token, endpoint=hub.endpoint, dry_run=True)
+    assert any("hand-written" in n for n in plan.notes)
+    assert [f.size for f in plan.files if f.path == "README.md"] == [len("---\nlicense: mit\n---\n# my card\n")]
+
+
+def test_token_never_leaks(hub, hub_env, int8_out):
+    """Runs last: nothing this module printed or wrote holds a token."""
+    tokens = [hub.token, hub.read_token, hub.other_token, "hf_wrongwrongwrongwrong123"]
+    if not _OUTPUTS:  # run on its own
+        proc = run_cli("-v", "push", str(int8_out), "--repo-id", "acme/tiny-int8-leak", "--dry-run", "--json")
+        assert proc.returncode == 0, proc.stderr
+        _OUTPUTS.append(proc.stdout + proc.stderr)
+    for text in _OUTPUTS:
+        for tok in tokens:
+            assert tok not in text
+    for p in int8_out.rglob("*"):
+        if p.is_file():
+            data = p.read_bytes()
+            for tok in tokens:
+                assert tok.encode() not in data, p
