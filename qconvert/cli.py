@@ -123,6 +123,13 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="Print the plan (every component; -v: every tensor) and stop.")
 @click.option("--no-validate", is_flag=True, help="Skip the validation run after converting.")
 @click.option("--device", default=None, help="Validation device: auto, cpu, cuda [auto].")
+@click.option("--thresholds", "thresholds_file", type=click.Path(path_type=Path), default=None, help="Validation thresholds TOML.")
+@click.option("--push", "do_push", is_flag=True, help="Write the card and push to the Hub after a passing validation.")
+@click.option("--namespace", default=None, help="--push: user or org [the token's user].")
+@click.option("--repo-id", default=None, help="--push: repo [<namespace>/<source>-<backend>-<scheme>].")
+@click.option("--private", is_flag=True, help="--push: create the repo private.")
+@click.option("--collection", default=None, help="--push: add the repo to this collection (created if needed).")
+@click.option("--license", "license_", default=None, help="--push: license id when the base model has none.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable summary on stdout.")
 @click.pass_obj
 def flux(
@@ -142,6 +149,13 @@ def flux(
     dry_run: bool,
     no_validate: bool,
     device: str | None,
+    thresholds_file: Path | None,
+    do_push: bool,
+    namespace: str | None,
+    repo_id: str | None,
+    private: bool,
+    collection: str | None,
+    license_: str | None,
     as_json: bool,
 ) -> None:
     """Convert a Flux pipeline: quantize the transformer and T5, keep the rest.
@@ -228,7 +242,7 @@ def flux(
         from .validate import validate
 
         state.info("validating (load as a user would, generate, compare with the source)")
-        report = validate(result.out, device=device, token=token, endpoint=hub_endpoint())
+        report = validate(result.out, device=device, thresholds_file=thresholds_file, token=token, endpoint=hub_endpoint())
         summary["validation"] = {"passed": report.passed, "failed": [c.name for c in report.checks if not c.passed]}
     if as_json:
         click.echo(json.dumps(summary, indent=2))
@@ -241,7 +255,26 @@ def flux(
     if report is not None:
         from .validate import raise_if_failed
 
-        raise_if_failed(report)
+        raise_if_failed(report)  # a failed validation never publishes
+    if do_push:
+        from .cards import render_card
+        from .publish import push
+
+        if repo_id is None:
+            if namespace is None:
+                from huggingface_hub import HfApi
+
+                from .errors import AuthError
+
+                try:
+                    namespace = HfApi(endpoint=hub_endpoint(), token=token).whoami()["name"]
+                except Exception:  # noqa: BLE001 - any failure means no usable token
+                    raise AuthError("cannot tell whose namespace to push to", hint="pass --namespace or --repo-id, and set HF_TOKEN") from None
+            repo_id = f"{namespace}/{Path(str(out)).name}"
+        render_card(result.out, license=license_, token=token, endpoint=hub_endpoint())
+        pushed = push(result.out, repo_id, token=token, endpoint=hub_endpoint(), private=private,
+                      collection=collection, allow_unvalidated=no_validate, info=state.info)  # fmt: skip
+        state.info(f"pushed {pushed.url}" if pushed.committed else f"{pushed.url} already up to date: no commit made")
 
 
 @cli.command("validate")

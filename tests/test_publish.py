@@ -215,3 +215,28 @@ def test_token_never_leaks(hub, hub_env, int8_out):
             data = p.read_bytes()
             for tok in tokens:
                 assert tok.encode() not in data, p
+
+
+def _hub_env(hub):
+    return {"HF_ENDPOINT": hub.endpoint, "HF_TOKEN": hub.token, "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0"}
+
+
+@pytest.mark.slow
+def test_flux_push_end_to_end_and_never_after_failed_validation(hub, hub_env, tmp_path):
+    from conftest import run_cli
+
+    strict = tmp_path / "strict.toml"
+    strict.write_text("[default]\nmin_psnr = 1000.0\n")
+    failed = run_cli("flux", "--source", "tiny-flux", "--backend", "torchao", "--scheme", "int8wo",
+                     "--out", str(tmp_path / "bad"), "--thresholds", str(strict), "--push", "--namespace", "acme",
+                     env=_hub_env(hub))
+    assert failed.returncode == 4, failed.stderr
+    assert not hub.repo_exists("acme/bad")  # validation failed: nothing was created or pushed
+
+    ok = run_cli("flux", "--source", "tiny-flux", "--backend", "torchao", "--scheme", "int8wo",
+                 "--out", str(tmp_path / "tiny-int8"), "--push", "--namespace", "acme",
+                 "--collection", "tiny quants", env=_hub_env(hub))
+    assert ok.returncode == 0, ok.stderr
+    files = hub.files("acme/tiny-int8")
+    assert "qconvert.json" in files and "README.md" in files and "validation.json" in files
+    assert hub.token not in ok.stdout + ok.stderr
