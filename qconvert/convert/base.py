@@ -241,7 +241,10 @@ class Backend:
         shard = self.options.get("max_shard_size") or (
             DIFFUSERS_SHARD if diffusers_lib else TRANSFORMERS_SHARD
         )
-        writer = ShardedSafetensorsWriter(folder, base_name, parse_size(shard))
+        # Room for the header: each source tensor adds at most ~1 KB of entries and metadata
+        # (torchao's per-tensor JSON, bnb's six quant-state entries); 1.5 KB leaves margin.
+        reserve = 4096 + 1536 * len(plan.tensors)
+        writer = ShardedSafetensorsWriter(folder, base_name, parse_size(shard), header_reserve=reserve)
         self.begin_component(comp, facts)
         collector = GarbageBound()
         try:

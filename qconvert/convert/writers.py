@@ -1,11 +1,13 @@
 """Streaming safetensors shard writer shared by the pipeline-folder backends.
 
-Tensors arrive one at a time. Their bytes go straight to a scratch data file of the current
-shard; when the shard is full (``max_shard_bytes``, checked per *group*, so a bnb weight and
-its quant_state never land in different shards) it is closed: the header is written to the
-final file followed by the scratch data, copied in 16 MB chunks. Only one tensor is ever in
-memory, and the header can carry metadata known only at the end (torchao repeats the full
-per-tensor metadata in every shard's header).
+Tensors arrive one at a time and their bytes go straight into the shard file, after a space
+reserved for the header (``header_reserve`` bytes). The header is only known at the end (it
+carries metadata such as torchao's per-tensor JSON, repeated in every shard), so it is written
+into that space when the file is finished, padded with spaces: safetensors pads its header
+with spaces itself, and a JSON parser ignores them. A shard is full at ``max_shard_bytes``,
+checked per *group*, so a bnb weight and its quant_state never land in different shards.
+Only one tensor is ever in memory and every byte is written once. Should a header outgrow
+its reservation (the callers' sizing leaves ample room), the data is moved once behind it.
 
 File names follow diffusers/transformers: ``<base>.safetensors`` for one shard, else
 ``<base>-00001-of-0000N.safetensors`` plus ``<base>.safetensors.index.json``.
@@ -51,10 +53,11 @@ class _Shard:
 
 
 class ShardedSafetensorsWriter:
-    def __init__(self, folder: Path, base_name: str, max_shard_bytes: int) -> None:
+    def __init__(self, folder: Path, base_name: str, max_shard_bytes: int, header_reserve: int = 1 << 20) -> None:
         self.folder = Path(folder)
         self.base_name = base_name
         self.max_shard_bytes = max_shard_bytes
+        self.header_reserve = -(-header_reserve // 8) * 8  # keep the data 8-byte aligned
         # closed shards: scratch data file + header entries (name, dtype, shape, start, end)
         self._closed: list[tuple[Path, list[tuple[str, str, list[int], int, int]]]] = []
         self._current: _Shard | None = None
@@ -69,8 +72,10 @@ class ShardedSafetensorsWriter:
             self._close_current()
         if self._current is None:
             idx = len(self._closed)
-            scratch = self.folder / f".{self.base_name}.{idx:05d}.data"
-            self._current = _Shard(scratch, open(scratch, "wb"))
+            scratch = self.folder / f".{self.base_name}.{idx:05d}.partial"
+            fh = open(scratch, "wb")
+            fh.seek(8 + self.header_reserve)
+            self._current = _Shard(scratch, fh)
         cur = self._current
         for name, t in tensors:
             if name in self.names:
@@ -112,13 +117,21 @@ class ShardedSafetensorsWriter:
                 header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [start, end]}
                 weight_map[name] = fname
             raw = json.dumps(header, separators=(",", ":")).encode()
-            raw += b" " * (-(len(raw)) % 8)  # data starts 8-byte aligned, as safetensors does
             final = self.folder / fname
-            with open(final, "wb") as out, open(scratch, "rb") as src:
-                out.write(struct.pack("<Q", len(raw)))
-                out.write(raw)
-                shutil.copyfileobj(src, out, 16 << 20)
-            os.unlink(scratch)
+            if len(raw) <= self.header_reserve:
+                raw += b" " * (self.header_reserve - len(raw))
+                with open(scratch, "r+b") as fh:
+                    fh.write(struct.pack("<Q", len(raw)))
+                    fh.write(raw)
+                os.replace(scratch, final)
+            else:  # the header outgrew its reservation: move the data once
+                raw += b" " * (-(len(raw)) % 8)
+                with open(final, "wb") as out, open(scratch, "rb") as src:
+                    out.write(struct.pack("<Q", len(raw)))
+                    out.write(raw)
+                    src.seek(8 + self.header_reserve)
+                    shutil.copyfileobj(src, out, 16 << 20)
+                os.unlink(scratch)
             files.append(final)
         if n > 1:
             index = {
