@@ -23,7 +23,7 @@ gguf = pytest.importorskip("gguf")
 from qconvert import flux  # noqa: E402
 from qconvert.convert import SCHEMES  # noqa: E402
 from qconvert.convert import gguf as G  # noqa: E402
-from qconvert.plan import CAST, KEEP, QUANTIZE, TensorPlan  # noqa: E402
+from qconvert.plan import KEEP, QUANTIZE, TensorPlan  # noqa: E402
 
 ALL = list(SCHEMES["gguf"])
 Q = gguf.GGMLQuantizationType
@@ -77,7 +77,8 @@ BFL_KEYS = {
     "single_blocks.3.linear2.weight": (W, 5 * W), "single_blocks.3.modulation.lin.weight": (3 * W, W),
     "double_blocks.0.img_attn.qkv.bias": (3 * W,), "single_blocks.3.norm.query_norm.scale": (128,),
 }  # fmt: skip
-BFL_HIGH = {k for k in BFL_KEYS if k.split(".")[0] in ("img_in", "txt_in", "time_in", "vector_in", "guidance_in", "final_layer")}
+HIGH_PRECISION_PREFIXES = ("img_in", "txt_in", "time_in", "vector_in", "guidance_in", "final_layer")
+BFL_HIGH = {k for k in BFL_KEYS if k.split(".")[0] in HIGH_PRECISION_PREFIXES}
 BFL_MORE = {
     "double_blocks.0.img_attn.qkv.weight", "double_blocks.0.txt_attn.qkv.weight",
     "double_blocks.0.img_mlp.2.weight", "double_blocks.0.txt_mlp.2.weight", "single_blocks.3.linear2.weight",
@@ -231,7 +232,10 @@ def test_bad_schemes_library():
 # --- encoders ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("target", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "F16", "BF16", "F32"])
+ENCODE_TARGETS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "F16", "BF16", "F32"]
+
+
+@pytest.mark.parametrize("target", ENCODE_TARGETS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_encode_rows_of_256(target, dtype):
     """Every target type through the backend's encode on rows of 512 decodes within its band."""
@@ -336,11 +340,13 @@ def test_tiny_diffusers_layout_loads_and_generates(scheme, source, converted, ba
     assert img.shape == (1, 3, 32, 32) and bool(torch.isfinite(img).all())
 
 
-# Relative error of the tiny T5's last hidden state vs the source (measured x ~2).
+# Relative error of the tiny T5's last hidden state vs the source: measured x ~2. Its rows of
+# 32 and 37 make the K types fall back (Q6_K -> Q8_0, Q5_K -> Q5_1, Q4_K -> Q5_0, Q3_K/Q2_K ->
+# Q4_0; rows of 37 -> F16) and keep the 32x32 attention weights F32 (1024 elements).
 T5_BAND = {
-    "F16": 2e-3, "BF16": 1e-2, "Q8_0": 0.01, "Q6_K": 0.01, "Q5_K_M": 0.05, "Q5_K_S": 0.05,
-    "Q5_1": 0.05, "Q5_0": 0.05, "Q4_K_M": 0.1, "Q4_K_S": 0.1, "Q4_1": 0.1, "Q4_0": 0.1,
-    "Q3_K_M": 0.1, "Q3_K_S": 0.1, "Q2_K": 0.1,
+    "F16": 1e-3, "BF16": 8e-3, "Q8_0": 0.02, "Q6_K": 0.02, "Q5_K_M": 0.08, "Q5_K_S": 0.08,
+    "Q5_1": 0.08, "Q5_0": 0.08, "Q4_K_M": 0.08, "Q4_K_S": 0.08, "Q4_1": 0.15, "Q4_0": 0.18,
+    "Q3_K_M": 0.18, "Q3_K_S": 0.18, "Q2_K": 0.18,
 }  # fmt: skip
 
 
@@ -419,6 +425,31 @@ def test_tiny_bfl_layout_matches_source(source, converted):
     assert got["single_blocks.0.linear1.weight"][0] == "Q8_0"
 
 
+def test_bfl_source_to_bfl_layout(source, converted, tmp_path):
+    """A BFL single file comes out with the same tensors, read as whole file tensors."""
+    from conftest import export_bfl
+
+    from qconvert.convert import convert
+    from qconvert.sources import resolve_source
+
+    bfl = export_bfl(source.root / "transformer", tmp_path / "flux1-tinydev.safetensors")
+    src = resolve_source(str(bfl), base="tiny-flux")
+    backend = G.GGUFBackend("Q8_0")
+    for name, (t, _) in backend.output_tensors(src.components["transformer"]).items():
+        assert len(t.segments) == 1 and t.segments[0].key == name, name
+        assert t.segments[0].start is None and t.segments[0].stop is None
+    res = convert(src, "gguf", "Q8_0", tmp_path / "out", components=("transformer",), progress=False)
+    path = res.out / "flux1-tinydev-Q8_0.gguf"
+    fields = read_fields(path)
+    assert fields["general.name"] == "flux1-tinydev"
+    assert str(tmp_path) not in fields["qconvert.source"]  # no local directories in the file
+    ref = gguf.GGUFReader(converted("Q8_0", "bfl").out / "flux1-tiny-flux-Q8_0.gguf")
+    got = gguf.GGUFReader(path)
+    assert [(t.name, t.tensor_type, bytes(t.data)) for t in got.tensors] == [
+        (t.name, t.tensor_type, bytes(t.data)) for t in ref.tensors
+    ]
+
+
 @pytest.mark.parametrize("scheme", ["Q4_K_M", "Q8_0"])
 def test_deterministic_across_runs_and_jobs(scheme, converted):
     a, b = converted(scheme, "bfl", 1), converted(scheme, "bfl", 2)
@@ -465,7 +496,8 @@ def write_synthetic(comp, scheme: str, out: Path, *, jobs: int, pool: str = "thr
     executor = backend._executor()
     try:
         with TensorReader() as reader:
-            backend.write_gguf(out, comp, cp, None, {"kind": "builtin", "name": "x"}, "x", reader, lambda n: None, _check_finite, executor)
+            identity = {"kind": "builtin", "name": "x"}
+            backend.write_gguf(out, comp, cp, None, identity, "x", reader, lambda n: None, _check_finite, executor)
     finally:
         if executor is not None:
             executor.shutdown()
@@ -598,7 +630,7 @@ def test_slim_bfl_loads_in_diffusers(scheme, slim):
     fields = read_fields(path)
     assert fields["general.architecture"] == "flux" and fields["qconvert.layout"] == "bfl"
     # streaming: the conversion's own anonymous memory stays far below the 1.1 GB transformer
-    assert sampler.peak_anon - sampler.baseline_anon < 400 << 20, sampler.peak_anon - sampler.baseline_anon
+    assert sampler.anon_above_baseline < 400 << 20, sampler.anon_above_baseline
 
     tr = FluxTransformer2DModel.from_single_file(
         str(path),
@@ -623,7 +655,7 @@ def test_slim_bfl_loads_in_diffusers(scheme, slim):
         seg = comp.tensors[name].segments[0]
         with safe_open(seg.path, "pt") as f:
             want = f.get_tensor(seg.key).float()
-        got = dequantize_gguf_tensor(params[name]).float()
+        got = dequantize_gguf_tensor(params[name]).detach().float()
         assert got.shape == want.shape
         assert float((got - want).norm() / want.norm()) < band, name
 
