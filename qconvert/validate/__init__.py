@@ -177,6 +177,14 @@ def load_quantized(out: Path, manifest: dict[str, Any], ref_root: Path, *, dtype
     if manifest.get("layout") == "gguf":
         from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
 
+        layout = manifest.get("options", {}).get("layout") or "bfl"
+        tcfg = json.loads((Path(ref_root) / "transformer" / "config.json").read_text())
+        width = int(tcfg.get("num_attention_heads", 0)) * int(tcfg.get("attention_head_dim", 0))
+        if layout == "bfl" and width != 3072:
+            raise InputError(
+                f"diffusers loads BFL-layout GGUF files only at Flux width 3072 (this model is {width} wide)",
+                hint="convert with --layout diffusers to validate it, or pass --no-validate",
+            )
         ggufs = sorted(Path(out).glob("*.gguf"))
         flux_files = [p for p in ggufs if not p.name.startswith("t5xxl-")]
         if not flux_files:
