@@ -4,11 +4,13 @@
 
 ``slim-flux`` is the built-in width-3072 Flux (1 double + 1 single block, T5 with
 d_model 4096; ~1.3 GB bf16), built once into the cache ($QCONVERT_CACHE) before timing.
-Each scheme runs ``qconvert flux --source slim-flux --backend bnb --scheme S`` in its own
+Each scheme runs ``qconvert flux --source slim-flux --backend bnb --scheme S --no-validate``
+(conversion only) in its own
 subprocess (so every run starts cold and the figures are the whole CLI process's), while
 this process samples ``/proc/<pid>/status`` every 20 ms: peak RssAnon (anonymous memory:
 what must fit in RAM; mmapped safetensors pages are page cache) and VmHWM (peak total
-RSS, mapped file pages included). Results are printed and written as JSON.
+RSS, mapped file pages included). Results are printed and written as JSON, with the
+1-minute load average after each run: wall times from a busy machine are not comparable.
 """
 
 from __future__ import annotations
@@ -47,10 +49,15 @@ def run(cmd: list[str], interval: float = 0.02) -> tuple[int, float, dict[str, i
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=ROOT)
-        while proc.poll() is None:
-            for k, v in status(proc.pid).items():
-                peak[k] = max(peak[k], v)
-            time.sleep(interval)
+        try:
+            while proc.poll() is None:
+                for k, v in status(proc.pid).items():
+                    peak[k] = max(peak[k], v)
+                time.sleep(interval)
+        except BaseException:  # Ctrl-C: do not leave the conversion running
+            proc.kill()
+            proc.wait()
+            raise
         wall = time.perf_counter() - t0
         out.seek(0)
         err.seek(0)
@@ -66,7 +73,7 @@ def main() -> int:
     ap.add_argument("--source", default="slim-flux")
     ap.add_argument("--schemes", default=",".join(SCHEMES))
     ap.add_argument("--json", default=str(ROOT / "bench" / "bnb_slim.json"))
-    ap.add_argument("--scratch", default=None, help="folder for the outputs [a temp dir next to the repo]")
+    ap.add_argument("--scratch", default=None, help="folder for the outputs [the system temp dir]")
     args = ap.parse_args()
     schemes = [s for s in args.schemes.split(",") if s]
 
@@ -78,24 +85,40 @@ def main() -> int:
         return 1
     print(f"source {args.source} ready ({wall:.1f} s)", file=sys.stderr)
 
-    scratch = Path(tempfile.mkdtemp(prefix="bnb-bench-", dir=args.scratch or ROOT))
-    results = []
+    from importlib.metadata import version
+
+    scratch = Path(tempfile.mkdtemp(prefix="bnb-bench-", dir=args.scratch))
+    results: list[dict] = []
+    report = {
+        "source": args.source,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "versions": {p: version(p) for p in ("torch", "bitsandbytes", "diffusers", "transformers")},
+        "baseline_imports": None,
+        "runs": results,
+    }
+
+    def save() -> None:  # after every run, so an interrupted bench still leaves its figures
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+
     try:
         # Baseline: the same interpreter importing what a conversion imports, doing nothing.
         rc, wall, peak, _, err = run([sys.executable, "-c",
                                       "import torch, diffusers, transformers, bitsandbytes, qconvert.cli; "
                                       "from diffusers import FluxTransformer2DModel; "
                                       "from transformers import T5EncoderModel"])  # fmt: skip
-        baseline = {"wall_s": round(wall, 2), "peak_rss_anon": peak["RssAnon"], "vm_hwm": peak["VmHWM"]}
+        report["baseline_imports"] = {
+            "wall_s": round(wall, 2), "peak_rss_anon": peak["RssAnon"], "vm_hwm": peak["VmHWM"]
+        }  # fmt: skip
         print(f"imports only: {wall:.1f} s, RssAnon {peak['RssAnon'] / 1e9:.2f} GB, "
               f"VmHWM {peak['VmHWM'] / 1e9:.2f} GB", file=sys.stderr)  # fmt: skip
         for scheme in schemes:
             out = scratch / scheme
             cmd = [sys.executable, "-m", "qconvert.cli", "flux", "--source", args.source, "--backend", "bnb",
-                   "--scheme", scheme, "--out", str(out), "--json"]  # fmt: skip
+                   "--scheme", scheme, "--out", str(out), "--json", "--no-validate"]  # fmt: skip
             rc, wall, peak, stdout, err = run(cmd)
             row = {"scheme": scheme, "rc": rc, "wall_s": round(wall, 2),
-                   "peak_rss_anon": peak["RssAnon"], "vm_hwm": peak["VmHWM"]}  # fmt: skip
+                   "peak_rss_anon": peak["RssAnon"], "vm_hwm": peak["VmHWM"],
+                   "loadavg_1m_after": round(os.getloadavg()[0], 2)}  # fmt: skip
             if rc == 0:
                 summary = json.loads(stdout)
                 row.update(
@@ -109,6 +132,7 @@ def main() -> int:
             else:
                 row["error"] = err.strip().splitlines()[-1:] if err.strip() else []
             results.append(row)
+            save()
             print(f"{scheme:<8} rc={rc} wall {wall:6.1f} s  RssAnon {peak['RssAnon'] / 1e9:5.2f} GB  "
                   f"VmHWM {peak['VmHWM'] / 1e9:5.2f} GB  out {row.get('bytes_out', 0) / 1e9:.3f} GB",
                   file=sys.stderr)  # fmt: skip
@@ -116,18 +140,8 @@ def main() -> int:
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
-    from importlib.metadata import version
-
-    report = {
-        "source": args.source,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "versions": {p: version(p) for p in ("torch", "bitsandbytes", "diffusers", "transformers")},
-        "baseline_imports": baseline,
-        "runs": results,
-    }
-    text = json.dumps(report, indent=2)
-    print(text)
-    Path(args.json).write_text(text + "\n")
+    print(json.dumps(report, indent=2))
+    save()
     return 0 if all(r["rc"] == 0 for r in results) else 1
 
 

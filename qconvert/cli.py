@@ -426,7 +426,7 @@ def _summary_table(summary: dict[str, Any]) -> str:
     rows = [f"{'component':<16}{'scheme':<10}{'before':>12}{'after':>12}{'time':>9}"]
     for name, c in summary["components"].items():
         rows.append(
-            f"{name:<16}{(c['scheme'] or 'copy'):<10}{human_bytes(c['bytes_in']):>12}"
+            f"{name:<16}{(c['scheme'] or c['action']):<10}{human_bytes(c['bytes_in']):>12}"
             f"{human_bytes(c['bytes_out']):>12}{c['seconds']:>8.1f}s"
         )
     rows.append(

@@ -75,7 +75,7 @@ class TensorPlan:
 @dataclass
 class ComponentPlan:
     name: str
-    action: str  # "quantize" | "copy"
+    action: str  # "quantize" | "copy" | "from-base" (GGUF: not written, users load it from the base)
     scheme: str | None
     tensors: list[TensorPlan] = field(default_factory=list)
     bytes_in: int = 0

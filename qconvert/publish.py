@@ -442,6 +442,14 @@ def _commit_with_retries(
                 ) from None
 
 
+MEASUREMENT_FILES = ("validation.json", "README.md")
+
+
+def _is_measurement(path: str) -> bool:
+    """Files that hold a validation run's measurements rather than the model."""
+    return path in MEASUREMENT_FILES or path.startswith("samples/")
+
+
 def push(
     out: Path | str,
     repo_id: str,
@@ -527,6 +535,16 @@ def push(
             for path, sib in sorted(state.files.items()):
                 if path not in target and path not in KEEP_REMOTE:
                     entries.append(FileEntry(path, int(sib.size or 0), "delete"))
+        changed = [e for e in entries if e.action != "unchanged"]
+        if (
+            any(e.path == "validation.json" for e in changed)
+            and all(e.action == "upload" and _is_measurement(e.path) and e.path in state.files for e in changed)
+        ):
+            # Same weights and manifest; only a re-validation's timings (and the card and
+            # samples that show them) differ. That is not a new release: keep the published
+            # files, so re-running an identical conversion changes nothing on the Hub.
+            notes.append("only measurements (validation.json, card, samples) differ: kept the published ones")
+            entries = [FileEntry(e.path, e.size, "unchanged") for e in entries]
         return entries
 
     result = PushResult(

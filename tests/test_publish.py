@@ -240,3 +240,18 @@ def test_flux_push_end_to_end_and_never_after_failed_validation(hub, hub_env, tm
     files = hub.files("acme/tiny-int8")
     assert "qconvert.json" in files and "README.md" in files and "validation.json" in files
     assert hub.token not in ok.stdout + ok.stderr
+
+
+@pytest.mark.slow
+def test_revalidated_identical_conversion_makes_no_commit(hub, hub_env, tmp_path):
+    """Re-running convert + validate + push on identical weights changes nothing on the Hub."""
+    from conftest import run_cli
+
+    args = ("flux", "--source", "tiny-flux", "--backend", "torchao", "--scheme", "fp8wo", "--push",
+            "--repo-id", "acme/revalidated")
+    first = run_cli(*args, "--out", str(tmp_path / "one"), env=_hub_env(hub))
+    assert first.returncode == 0, first.stderr
+    count = hub.commit_count("acme/revalidated")
+    second = run_cli(*args, "--out", str(tmp_path / "two"), env=_hub_env(hub))
+    assert second.returncode == 0, second.stderr
+    assert hub.commit_count("acme/revalidated") == count

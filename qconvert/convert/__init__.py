@@ -81,6 +81,10 @@ def make_plan(source: Source, backend: Any, components: tuple[str, ...]) -> tupl
             facts[name] = model_facts(comp)
             check_against_config(comp, facts[name])
             comp_plans.append(backend.plan_component(comp, facts[name]))
+        elif backend.layout == "gguf":
+            # GGUF outputs hold only the quantized models; users take the rest from the base.
+            size = comp.nbytes if comp.tensors else 0
+            comp_plans.append(ComponentPlan(name, "from-base", None, [], size, 0))
         else:
             if comp.folder is None:
                 raise UsageError(
