@@ -31,16 +31,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def status(pid: int) -> dict[str, int]:
-    out: dict[str, int] = {}
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return out
-    for line in text.splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("RssAnon", "VmHWM", "VmRSS"):
-            out[key] = int(rest.split()[0]) * 1024
-    return out
+    from qconvert.memory import read_status
+
+    return read_status(pid)
 
 
 def run(cmd: list[str], interval: float = 0.02) -> tuple[int, float, dict[str, int], str, str]:

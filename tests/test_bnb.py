@@ -410,20 +410,3 @@ def test_cli_errors(extra, prelude, code, needle, tmp_path):
     assert "Traceback" not in r.stderr + r.stdout
     assert not out.exists()
     assert not any(p.name.startswith(".never") for p in tmp_path.iterdir())
-
-
-def test_missing_bitsandbytes_library_api(source, tmp_path, monkeypatch):
-    import importlib.util
-
-    from qconvert.convert import convert
-    from qconvert.errors import MissingDependency
-
-    real = importlib.util.find_spec
-    def find_spec(name, *args, **kwargs):
-        return None if name == "bitsandbytes" else real(name, *args, **kwargs)
-
-    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
-    with pytest.raises(MissingDependency) as e:
-        convert(source, "bnb", "nf4", tmp_path / "x", progress=False)
-    assert "pip install 'qconvert[bnb]'" in e.value.one_line()
-    assert list(tmp_path.iterdir()) == []

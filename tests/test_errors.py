@@ -208,3 +208,21 @@ def test_token_never_appears_in_output_or_files(tmp_path, tiny_path):
     for f in out.rglob("*"):
         if f.is_file():
             assert token.encode() not in f.read_bytes(), f
+
+
+@pytest.mark.parametrize("backend,package,scheme", [("bnb", "bitsandbytes", "nf4"), ("gguf", "gguf", "Q8_0"),
+                                                    ("torchao", "torchao", "int8wo")])
+def test_missing_backend_library_names_the_extra(backend, package, scheme, tmp_path, monkeypatch):
+    import importlib.util
+
+    from qconvert.convert import convert
+    from qconvert.errors import MissingDependency
+    from qconvert.sources import resolve_source
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name == package else real(name, *a, **k))
+    with pytest.raises(MissingDependency) as e:
+        convert(resolve_source("tiny-flux"), backend, scheme, tmp_path / "x", progress=False)
+    assert e.value.one_line() == f"{package} is not installed (pip install 'qconvert[{backend}]')"
+    assert list(tmp_path.iterdir()) == []

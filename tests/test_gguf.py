@@ -574,24 +574,6 @@ def test_cli_errors(scheme, prelude, code, needle, tmp_path):
     assert not any(p.name.startswith(".never") for p in tmp_path.iterdir())
 
 
-def test_missing_gguf_library_api(source, tmp_path, monkeypatch):
-    import importlib.util
-
-    from qconvert.convert import convert
-    from qconvert.errors import MissingDependency
-
-    real = importlib.util.find_spec
-
-    def find_spec(name, *args, **kwargs):
-        return None if name == "gguf" else real(name, *args, **kwargs)
-
-    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
-    with pytest.raises(MissingDependency) as e:
-        convert(source, "gguf", "Q8_0", tmp_path / "x", progress=False)
-    assert e.value.one_line() == "gguf is not installed (pip install 'qconvert[gguf]')"
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_cli_dry_run_shows_gguf_names(tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "qconvert.cli", "-v", "flux", "--source", "tiny-flux", "--backend", "gguf",
