@@ -115,7 +115,7 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
 @click.option("--scheme", required=True, help="Scheme of the backend (see below).")
 @click.option("--out", "out", type=click.Path(path_type=Path), default=None, help="Output folder [out/<source>-<backend>-<scheme>].")
 @click.option("--components", default=None, help="Comma list to quantize [transformer,text_encoder_2].")
-@click.option("--compute-dtype", default=None, help="bnb: compute dtype stored in the config [bfloat16].")
+@click.option("--compute-dtype", default=None, help="bnb: compute dtype in the config, and the dtype a float32 source is written in [bfloat16].")
 @click.option("--layout", type=click.Choice(["bfl", "diffusers"]), default=None, help="gguf: tensor names [bfl].")
 @click.option("--jobs", type=int, default=None, help="gguf: parallel quantization workers [all cores].")
 @click.option("--max-shard-size", default=None, help="Largest safetensors shard, e.g. 5GB [diffusers: 10GB].")
