@@ -30,6 +30,14 @@ def tiny_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def source():
+    """The built-in tiny pipeline as a resolved qconvert Source."""
+    from qconvert.sources import resolve_source
+
+    return resolve_source("tiny-flux")
+
+
+@pytest.fixture(scope="session")
 def slim_path() -> Path:
     from qconvert.tiny import builtin_path
 

@@ -64,13 +64,6 @@ def expected_quantized(name: str, w: "torch.Tensor", scheme: str) -> dict[str, "
 
 
 @pytest.fixture(scope="module")
-def source():
-    from qconvert.sources import resolve_source
-
-    return resolve_source("tiny-flux")
-
-
-@pytest.fixture(scope="module")
 def outputs(source, tmp_path_factory):
     from qconvert.convert import convert
 

@@ -256,13 +256,6 @@ def test_encode_rows_of_256(target, dtype):
 
 
 @pytest.fixture(scope="module")
-def source():
-    from qconvert.sources import resolve_source
-
-    return resolve_source("tiny-flux")
-
-
-@pytest.fixture(scope="module")
 def converted(source, tmp_path_factory):
     """(scheme, layout) -> ConvertResult, converting on first use."""
     from qconvert.convert import convert
