@@ -20,12 +20,12 @@ import hashlib
 import json
 import os
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import flux
+from .output import sha256_of
 from .errors import (
     CorruptCheckpoint,
     GatedRepo,
@@ -341,14 +341,6 @@ def _folder_fingerprint(root: Path) -> str:
     return h.hexdigest()
 
 
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while data := fh.read(chunk):
-            h.update(data)
-    return h.hexdigest()
-
-
 # Files a pipeline folder needs from a Hub repo (FLUX.1-dev also ships a 23.8 GB
 # single-file checkpoint and ae.safetensors at the top level: never download those).
 HUB_ALLOW_PATTERNS = [
@@ -529,12 +521,8 @@ def _bfl_source(
         "kind": "bfl",
         "file": path.name,
         "path": str(path.resolve()),
-        "sha256": sha256_file(path),
+        "sha256": sha256_of(path),
         "base": base_src.identity,
     }
     return Source(spec, "bfl", base_src.root, identity, base_src.model_index, components)
 
-
-def iter_float_tensors(comp: Component) -> Iterator[SourceTensor]:
-    for name in sorted(comp.tensors):
-        yield comp.tensors[name]

@@ -171,7 +171,6 @@ def _bnb_cpu_if_needed(manifest: dict[str, Any], device: str) -> Any:
 
 def load_quantized(out: Path, manifest: dict[str, Any], ref_root: Path, *, dtype: Any, device: str) -> Any:
     """Load the output the way its card tells users to."""
-    import torch
     from diffusers import FluxPipeline
 
     if manifest.get("layout") == "gguf":
@@ -214,7 +213,6 @@ def load_quantized(out: Path, manifest: dict[str, Any], ref_root: Path, *, dtype
     elif device != "cpu":
         for name in ("text_encoder", "vae"):
             getattr(pipe, name).to(device)
-    del torch
     return pipe
 
 
