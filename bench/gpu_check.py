@@ -208,8 +208,8 @@ VARIANTS = [
     ("torchao", "int8wo"),
     ("bnb", "nf4"),
     ("gguf", "Q8_0"),
-    ("torchao", "fp8wo"),
     ("gguf", "Q4_K_S"),
+    ("torchao", "fp8wo"),
     ("bnb", "int8"),
 ]
 
@@ -222,12 +222,19 @@ def build_model(kind: str, work: Path, device: str) -> Path:
     with every variant does not fit the device time of one session (its GPU figures are in
     FACTS.md); the transformer is what the per-backend table is about.
     """
-    from make_full_size import build
+    from make_full_size import build, write_vae
 
     from qconvert.tiny import builtin_path
 
-    if kind in ("slim", "tiny"):
-        return builtin_path(f"{kind}-flux")
+    if kind == "tiny":
+        return builtin_path("tiny-flux")
+    if kind == "slim":
+        # slim-flux's one-block VAE has scale factor 1 (1024^2 would be 262,144 image tokens,
+        # 64x FLUX's); give the copy a scale-8 VAE so --size means what it means for FLUX.
+        path = work / "slim-flux"
+        shutil.copytree(builtin_path("slim-flux"), path, ignore=shutil.ignore_patterns("vae"))
+        write_vae(path / "vae")
+        return path
     path = work / "flux-full"
     build(path, ["transformer"], device=device, log=log)
     shutil.copytree(builtin_path("slim-flux") / "text_encoder_2", path / "text_encoder_2", dirs_exist_ok=True)
@@ -243,7 +250,7 @@ def convert_and_validate(source: Path, work: Path, backend: str, scheme: str, de
     shutil.rmtree(out, ignore_errors=True)
     t = time.perf_counter()
     res = convert(resolve_source(str(source)), backend, scheme, out, progress=False,
-                  options=({"jobs": os.cpu_count(), "layout": "bfl" if source.name == "flux-full" or "slim" in source.name else "diffusers"}
+                  options=({"layout": "bfl" if source.name == "flux-full" or "slim" in source.name else "diffusers"}
                            if backend == "gguf" else None))
     conv_s = time.perf_counter() - t
     report = validate(out, device=device, size=size, steps=4, prompts=["a photo of a cat"])
@@ -253,6 +260,9 @@ def convert_and_validate(source: Path, work: Path, backend: str, scheme: str, de
         "failed": d["failed"], "quantized": d["quantized"], "reference": d["reference"],
         "quality": {k: d["quality"][k] for k in ("psnr", "ssim", "forward_rel_error", "t5_rel_error", "memory_reduction")},
     }  # fmt: skip
+    grid = out / "samples" / "grid.png"
+    if grid.is_file() and len(list(OUT.glob("grid-*.png"))) < 4:  # the device returns at most 8 files
+        shutil.copyfile(grid, OUT / f"grid-{backend}-{scheme}.png")
     shutil.rmtree(out, ignore_errors=True)
     return row
 
@@ -272,7 +282,8 @@ def tables() -> str:
     ref = next((v["result"]["reference"] for _, v in rows if v.get("result")), None)
     if rows:
         lines.append("")
-        lines.append(f"validation at {RESULT.get('size')}^2, {RESULT.get('model')} model, device {RESULT.get('device_name')}")
+        lines.append(f"validation at {RESULT.get('size')}^2 ({RESULT.get('image_tokens')} image tokens), "
+                     f"{RESULT.get('model')} model, device {RESULT.get('device_name')}")
         lines.append(f"{'variant':<16}{'T weights':>11}{'after load':>12}{'peak':>11}{'s/step':>8}{'PSNR':>7}{'SSIM':>7}{'fwd err':>9}{'T5 err':>8}{'conv s':>8}  pass")
         if ref:
             lines.append(f"{'bf16 (ref)':<16}{human_bytes(ref['transformer_bytes']):>11}{human_bytes(ref['memory_after_load']):>12}"
@@ -335,6 +346,10 @@ def main(argv: list[str] | None = None) -> int:
     if not a.skip_bnb and slim is not None:
         step("bnb_vs_diffusers_cuda", a.budget)(bnb_check)(slim, work, device)
     source = step("build_model", a.budget)(build_model)(a.model, work, device)
+    if source is not None:
+        vae_blocks = len(json.loads((source / "vae" / "config.json").read_text())["block_out_channels"])
+        RESULT["image_tokens"] = (a.size // 2 ** (vae_blocks - 1) // 2) ** 2
+        save()
     variants = VARIANTS if not a.variants else [tuple(v.split(":")) for v in a.variants.split(",")]
     if source is not None:
         for backend, scheme in variants:

@@ -4,8 +4,14 @@
 
 * transformer: the exact FLUX.1-dev config (11.9B params, bf16, 3 shards like the real repo);
 * text_encoder_2: a T5-XXL-shaped encoder (4.7B params, bf16, 2 shards);
-* CLIP, VAE, tokenizers, scheduler: copied from the built-in ``slim-flux`` (CLIP pooled width
-  768 and a 16-channel VAE fit the full transformer), so the folder is a runnable pipeline.
+* CLIP, tokenizers, scheduler: copied from the built-in ``slim-flux`` (CLIP pooled width 768
+  fits the full transformer), so the folder is a runnable pipeline;
+* VAE: a 4-channel AutoencoderKL with FLUX's 16 latent channels and four blocks, so its
+  scale factor is 8 like FLUX's: a 1024^2 image is 4096 image tokens, as with the real model
+  (slim-flux's one-block VAE has scale factor 1: 1024^2 would be 262,144 tokens).
+
+``--layers D,S`` writes D double and S single blocks instead of 19 and 38 (a mid-size model
+for the load-everything comparison: ``--layers 3,6`` is 1.9B params, 3.8 GB).
 
 Weights are N(0, 0.02^2), generated per tensor from a seed derived from its name, in row
 chunks, and written with qconvert's streaming shard writer: peak memory is one chunk, not the
@@ -64,14 +70,14 @@ def write_random(
     return total
 
 
-def meta_shapes(kind: str) -> tuple[dict[str, tuple[int, ...]], dict]:
+def meta_shapes(kind: str, flux_config: dict | None = None) -> tuple[dict[str, tuple[int, ...]], dict]:
     import torch
 
     with torch.device("meta"):
         if kind == "transformer":
             from diffusers import FluxTransformer2DModel
 
-            model = FluxTransformer2DModel(**FLUX_DEV)
+            model = FluxTransformer2DModel(**(flux_config or FLUX_DEV))
             config = dict(model.config)
         else:
             from transformers import T5Config, T5EncoderModel
@@ -85,25 +91,52 @@ def meta_shapes(kind: str) -> tuple[dict[str, tuple[int, ...]], dict]:
     return shapes, config
 
 
-def build(out: Path, components: list[str], device: str = "cpu", log=print) -> dict:
+def write_vae(folder: Path) -> None:
+    """A tiny AutoencoderKL with FLUX's latent channels, scaling and scale factor 8."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(4, 4, 4, 4),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=16,
+        norm_num_groups=1,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+    )
+    vae.to(torch.bfloat16).save_pretrained(folder)
+
+
+def build(
+    out: Path, components: list[str], device: str = "cpu", log=print, layers: tuple[int, int] | None = None
+) -> dict:
     """Write the full-size pipeline folder; returns params and seconds per component."""
     from qconvert.tiny import builtin_path
 
     slim = builtin_path("slim-flux")
     out.mkdir(parents=True, exist_ok=True)
-    for comp in ("text_encoder", "vae", "tokenizer", "tokenizer_2", "scheduler"):
+    for comp in ("text_encoder", "tokenizer", "tokenizer_2", "scheduler"):
         if not (out / comp).exists():
             shutil.copytree(slim / comp, out / comp)
+    if not (out / "vae").exists():
+        write_vae(out / "vae")
     shutil.copyfile(slim / "model_index.json", out / "model_index.json")
+    flux_config = dict(FLUX_DEV)
+    if layers:
+        flux_config.update(num_layers=layers[0], num_single_layers=layers[1])
     report = {}
     for comp in components:
         t0 = time.perf_counter()
-        shapes, config = meta_shapes(comp)
+        shapes, config = meta_shapes(comp, flux_config)
         if comp == "transformer":
             n = write_random(out / comp, shapes, "diffusion_pytorch_model", 10 * 10**9, device)
             import diffusers
 
-            config = {"_class_name": "FluxTransformer2DModel", "_diffusers_version": diffusers.__version__, **FLUX_DEV}
+            config = {"_class_name": "FluxTransformer2DModel", "_diffusers_version": diffusers.__version__, **flux_config}
         else:
             n = write_random(out / comp, shapes, "model", 5 * 10**9, device)
             config["architectures"] = ["T5EncoderModel"]
@@ -119,8 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out", type=Path)
     ap.add_argument("--components", default="transformer,text_encoder_2")
     ap.add_argument("--device", default="cpu", help="draw the random weights here (cuda is much faster)")
+    ap.add_argument("--layers", default=None, help="D,S: double and single blocks [19,38]")
     a = ap.parse_args(argv)
-    build(a.out, a.components.split(","), a.device, log=lambda m: print(m, flush=True))
+    layers = tuple(int(x) for x in a.layers.split(",")) if a.layers else None
+    build(a.out, a.components.split(","), a.device, log=lambda m: print(m, flush=True), layers=layers)
     return 0
 
 

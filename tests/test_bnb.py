@@ -18,6 +18,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("bitsandbytes")
 
+from conftest import tree_hashes  # noqa: E402
+
 SCHEMES = ("nf4", "nf4-dq", "fp4", "fp4-dq", "int8")
 FOUR_BIT = {"nf4": ("nf4", False), "nf4-dq": ("nf4", True), "fp4": ("fp4", False), "fp4-dq": ("fp4", True)}
 FILES = {"transformer": "diffusion_pytorch_model.safetensors", "text_encoder_2": "model.safetensors"}
@@ -318,6 +320,17 @@ def test_chunked_conversion_is_identical(scheme, source, outputs, tmp_path, monk
         assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want)
     ok = res.manifest["components"]["transformer"]["files"]
     assert ok == outputs[scheme].manifest["components"]["transformer"]["files"]  # same sha256
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "int8"])
+def test_jobs_do_not_change_the_output(scheme, source, outputs, tmp_path):
+    """One worker and several (the default is every core) write the same files."""
+    from qconvert.convert import convert
+
+    res = convert(source, "bnb", scheme, tmp_path / "one", progress=False, options={"jobs": 1})
+    assert tree_hashes(res.out) == tree_hashes(outputs[scheme].out)
+    res = convert(source, "bnb", scheme, tmp_path / "five", progress=False, options={"jobs": 5})
+    assert tree_hashes(res.out) == tree_hashes(outputs[scheme].out)
 
 
 # --- options -------------------------------------------------------------------------------

@@ -226,3 +226,21 @@ def test_missing_backend_library_names_the_extra(backend, package, scheme, tmp_p
         convert(resolve_source("tiny-flux"), backend, scheme, tmp_path / "x", progress=False)
     assert e.value.one_line() == f"{package} is not installed (pip install 'qconvert[{backend}]')"
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("where", [0, -1, 1234])
+def test_finite_check_finds_every_bad_value(dtype, bad, where):
+    """The per-chunk check (one aminmax pass) sees NaN/Inf anywhere, in every float dtype."""
+    import torch
+
+    from qconvert.convert import _check_finite
+    from qconvert.errors import CorruptCheckpoint
+
+    t = torch.randn(40, 77, dtype=getattr(torch, dtype))
+    _check_finite("w", t)
+    _check_finite("w", t[:0])  # empty chunk
+    t.view(-1)[where] = bad
+    with pytest.raises(CorruptCheckpoint, match="NaN or Inf"):
+        _check_finite("w", t)

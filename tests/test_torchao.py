@@ -111,6 +111,21 @@ def test_row_chunked_quantization_is_identical(tmp_path, monkeypatch):
     assert tree_hashes(tmp_path / "whole") == tree_hashes(tmp_path / "chunked")
 
 
+@pytest.mark.parametrize("scheme", ["int8wo", "fp8wo"])
+def test_jobs_do_not_change_the_output(scheme, tmp_path):
+    """Tensors encoded on 1 or 4 threads, finishing in any order: identical files."""
+    src = resolve_source("tiny-flux")
+    convert(src, "torchao", scheme, tmp_path / "one", progress=False, options={"jobs": 1})
+    convert(src, "torchao", scheme, tmp_path / "four", progress=False, options={"jobs": 4})
+    assert tree_hashes(tmp_path / "one") == tree_hashes(tmp_path / "four")
+
+
+def test_jobs_must_be_positive(tmp_path):
+    with pytest.raises(errors.UsageError, match="--jobs must be at least 1"):
+        convert(resolve_source("tiny-flux"), "torchao", "int8wo", tmp_path / "x", progress=False, options={"jobs": 0})
+    assert not (tmp_path / "x").exists()
+
+
 def test_int4wo_needs_cuda(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA; the CPU refusal cannot be shown here")

@@ -41,6 +41,18 @@ def test_demo_output_validates_and_writes_artefacts(int8_out):
     assert grid.size[1] == 2 * grid.size[0] // 2  # two rows (quantized over reference), two prompts
 
 
+def test_reference_run_is_reused_for_another_output_of_the_source(int8_out, tmp_path):
+    """Variants of one source (a release plan) share one reference run in a process."""
+    first = validate(int8_out, write=False)
+    other = tmp_path / "nf4"
+    convert(resolve_source("tiny-flux"), "bnb", "nf4", other, progress=False)
+    second = validate(other, write=False)
+    assert second.reference is first.reference  # the same measured run
+    assert second.quantized.transformer_bytes < first.quantized.transformer_bytes  # measured anew
+    third = validate(int8_out, write=False, steps=3)  # other settings: a new reference run
+    assert third.reference is not first.reference and third.passed
+
+
 def _copy(src, dst):
     shutil.copytree(src, dst)
     (dst / "validation.json").unlink(missing_ok=True)

@@ -12,7 +12,10 @@ from __future__ import annotations
 import gc
 import importlib.util
 import json
-from collections.abc import Callable
+import os
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -95,6 +98,14 @@ def check_against_config(comp: Component, facts: ModelFacts) -> None:
 ProgressFn = Callable[[int], None]
 
 
+def default_jobs() -> int:
+    """Worker threads when --jobs is not given: the cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 class Backend:
     name: ClassVar[str] = ""
     package: ClassVar[str] = ""  # import name that must be present
@@ -111,6 +122,12 @@ class Backend:
             )
         self.scheme = scheme
         self.options = options
+        jobs = options.get("jobs")
+        if jobs is not None and int(jobs) < 1:
+            raise UsageError(f"--jobs must be at least 1 (got {jobs})", hint="e.g. --jobs 2")
+        # Tensors encoded at once. Output bytes never depend on it: results are written in
+        # plan order whatever order they finish in.
+        self.jobs = int(jobs) if jobs else default_jobs()
 
     # --- environment -----------------------------------------------------------------------
 
@@ -209,6 +226,48 @@ class Backend:
             gc.collect(1)  # see GarbageBound
         return self.merge_chunks(plan, chunks)
 
+    def encode_in_order(
+        self,
+        comp: Component,
+        tensors: list[TensorPlan],
+        reader: TensorReader,
+        check_tensor: Callable[[str, Any], None],
+    ) -> Iterator[list[tuple[str, Any]]]:
+        """Encoded groups in plan order; with ``jobs`` > 1, read and encoded on a thread pool.
+
+        The quantizers' kernels (torch, bitsandbytes) and the mmapped reads release the GIL,
+        so threads overlap one tensor's read with another's quantization and use every core.
+        At most ``jobs + 1`` tensors are in flight, which bounds the extra memory to a few
+        tensors' outputs and chunk temporaries.
+        """
+        if self.jobs <= 1:
+            for tp in tensors:
+                yield self.encode_streaming(comp, tp, reader, check_tensor)
+            return
+        import torch
+
+        pending: deque[Future] = deque()
+        todo = iter(tensors)
+        # Split the cores between the workers: each torch kernel would otherwise start a team
+        # of all-cores threads, jobs x cores threads in all, which thrashes many-core machines.
+        torch_threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, torch_threads // self.jobs))
+        with ThreadPoolExecutor(self.jobs, thread_name_prefix=f"qconvert-{self.name}") as pool:
+            try:
+                while True:
+                    while len(pending) <= self.jobs:
+                        tp = next(todo, None)
+                        if tp is None:
+                            break
+                        pending.append(pool.submit(self.encode_streaming, comp, tp, reader, check_tensor))
+                    if not pending:
+                        return
+                    yield pending.popleft().result()
+            finally:
+                for fut in pending:
+                    fut.cancel()
+                torch.set_num_threads(torch_threads)
+
     def shard_metadata(self, component: str) -> dict[str, str]:
         """``__metadata__`` of every shard of a component (known after all tensors)."""
         return {"format": "pt"}
@@ -248,9 +307,10 @@ class Backend:
         self.begin_component(comp, facts)
         collector = GarbageBound()
         try:
-            for tp in plan.tensors:
+            encoded = self.encode_in_order(comp, plan.tensors, reader, check_tensor)
+            for tp, tensors in zip(plan.tensors, encoded, strict=True):
                 faults.tensor_written()
-                writer.add_group(self.encode_streaming(comp, tp, reader, check_tensor))
+                writer.add_group(tensors)
                 progress(tp.bytes_in)
                 collector.step(tp.bytes_in)
             files = writer.finish(self.shard_metadata(comp.name))

@@ -414,10 +414,6 @@ class GGUFBackend(Backend):
         if layout not in LAYOUTS:
             raise UsageError(f"unknown gguf layout {layout!r}", hint="choose bfl or diffusers")
         self.gguf_layout = layout
-        jobs = options.get("jobs")
-        if jobs is not None and int(jobs) < 1:
-            raise UsageError(f"--jobs must be at least 1 (got {jobs})")
-        self.jobs = int(jobs) if jobs else (os.cpu_count() or 1)
         # "thread" (default) or "process": where chunks are encoded.
         self.pool = str(options.get("pool") or os.environ.get("QCONVERT_GGUF_POOL") or "thread")
         if self.pool not in ("thread", "process"):

@@ -113,8 +113,11 @@ class TorchAOBackend(Backend):
         return [(k, v.cpu()) for k, v in flat.items()]
 
     def shard_metadata(self, component: str) -> dict[str, str]:
-        meta = {"format": "pt", **self._metadata}
-        meta["tensor_names"] = json.dumps(self._names)
+        # Tensors may be encoded on several threads, in any order: list them in name order
+        # (the plan's order) so the header is the same for any --jobs.
+        names = sorted(self._names)
+        meta = {"format": "pt", **{n: self._metadata[n] for n in names}}
+        meta["tensor_names"] = json.dumps(names)
         return meta
 
     def quantization_config(self, component: str) -> dict[str, Any]:
