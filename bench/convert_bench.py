@@ -6,10 +6,11 @@
 For each scheme it runs `qconvert flux` in a subprocess (no validation) and samples the
 child's RssAnon and VmRSS every 50 ms: wall time, peak anonymous memory, peak total RSS, bytes
 in and out, Mparam/s. It also times one sequential read of the source's weight files (the
-floor any converter pays). With --baseline it runs the load-everything path on the same
-source in a subprocess too (diffusers/transformers from_pretrained with the backend's
-quantization config + save_pretrained; gguf-py for GGUF), for the ratio. Each output is
-deleted after it is measured.
+floor any converter pays). The source's pages are evicted from the page cache (posix_fadvise
+DONTNEED) before the read and before every run, so each one reads cold. With --baseline it
+runs the load-everything path on the same source in a subprocess too (diffusers/transformers
+from_pretrained with the backend's quantization config + save_pretrained; gguf-py for GGUF),
+for the ratio. Each output is deleted after it is measured.
 """
 
 from __future__ import annotations
@@ -56,7 +57,18 @@ def run_sampled(cmd: list[str], env: dict | None = None) -> dict:
     }  # fmt: skip
 
 
+def evict(files: list[Path]) -> None:
+    """Drop the files' pages from the page cache (no root needed), so every run reads cold."""
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def read_once(files: list[Path]) -> dict:
+    evict(files)
     t0 = time.perf_counter()
     n = 0
     for f in files:
@@ -137,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(out, ignore_errors=True)
         cmd = [sys.executable, "-m", "qconvert.cli", "-q", "flux", "--source", a.source, "--backend", backend,
                "--scheme", scheme, "--out", str(out), "--no-validate", "--components", a.components]
+        evict(files)
         r = run_sampled(cmd)
         size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) if out.exists() else 0
         row = {"backend": backend, "scheme": scheme, "path": "qconvert", "returncode": r["returncode"],
@@ -148,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.baseline:
             bout = work / f"baseline-{backend}-{scheme}"
             bout.mkdir(exist_ok=True)
+            evict(files)
             b = run_sampled([sys.executable, "-c", BASELINE, str(src.root), str(bout), backend, scheme])
             row["baseline"] = {"wall_s": b["wall_s"], "peak_anon": b["peak_anon"], "peak_rss": b["peak_rss"],
                                "returncode": b["returncode"]}  # fmt: skip

@@ -85,3 +85,13 @@ def test_three_variants_resume_after_kill_and_push_nothing_twice(hub, hub_env, t
     assert again.returncode == 0, again.stderr
     assert all(r["status"] == "skipped" for r in json.loads(again.stdout))
     assert {r: hub.commit_count(f"acme/rel-{r}") for r in counts} == counts
+
+    # an option that changes the output (shard size) is a new release of that variant; one
+    # that does not (--jobs) is not
+    plan.write_text(plan_text.replace('scheme = "int8wo"', 'scheme = "int8wo"\noptions = { max_shard_size = "100KB" }')
+                    .replace('scheme = "fp8wo"', 'scheme = "fp8wo"\noptions = { jobs = 1 }'))
+    changed = _release(plan, tmp_path / "fresh2", hub)
+    assert changed.returncode == 0, changed.stderr
+    rows = {r["name"]: r["status"] for r in json.loads(changed.stdout)}
+    assert rows == {"int8wo": "done", "fp8wo": "skipped", "Q8_0": "skipped"}
+    assert hub.commit_count("acme/rel-int8wo") == counts["int8wo"] + 1

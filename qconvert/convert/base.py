@@ -9,6 +9,7 @@ one module: subclass :class:`Backend`, fill ``schemes``, override :meth:`policy`
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib.util
 import json
@@ -307,12 +308,13 @@ class Backend:
         self.begin_component(comp, facts)
         collector = GarbageBound()
         try:
-            encoded = self.encode_in_order(comp, plan.tensors, reader, check_tensor)
-            for tp, tensors in zip(plan.tensors, encoded, strict=True):
-                faults.tensor_written()
-                writer.add_group(tensors)
-                progress(tp.bytes_in)
-                collector.step(tp.bytes_in)
+            # closing(): on an error, stop the workers now, not when the generator is collected
+            with contextlib.closing(self.encode_in_order(comp, plan.tensors, reader, check_tensor)) as encoded:
+                for tp, tensors in zip(plan.tensors, encoded, strict=True):
+                    faults.tensor_written()
+                    writer.add_group(tensors)
+                    progress(tp.bytes_in)
+                    collector.step(tp.bytes_in)
             files = writer.finish(self.shard_metadata(comp.name))
         except BaseException:
             writer.abort()
