@@ -516,5 +516,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run() -> None:
+    """Console entry point: ``main()`` as the process's exit status."""
+    code = main()
+    if code == EXIT_INTERRUPTED:
+        # A Ctrl-C that arrives while a C extension runs Python code through PyRun_* (imports
+        # of torch and friends do) sets CPython's "unhandled KeyboardInterrupt" flag even
+        # though it was handled here, and the interpreter then ends the process by SIGINT
+        # (status -2) instead of 130. Everything is cleaned up and flushed by now: leave
+        # without the interpreter's finalization.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

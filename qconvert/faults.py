@@ -2,7 +2,9 @@
 
 Set ``QCONVERT_KILL_AT`` to a point name (``after-plan``, ``tensor-<n>`` — before the n-th
 tensor of the run is written, ``before-rename``) and the process SIGKILLs itself there, as a
-power cut or OOM kill would. Unset (always, outside tests), :func:`point` is a dict lookup.
+power cut or OOM kill would; with ``QCONVERT_KILL_SIGNAL=INT`` it sends itself SIGINT there
+instead (a Ctrl-C at a known moment). Unset (always, outside tests), :func:`point` is a dict
+lookup.
 """
 
 from __future__ import annotations
@@ -11,13 +13,15 @@ import os
 import signal
 
 _ENV = "QCONVERT_KILL_AT"
+_SIGNAL_ENV = "QCONVERT_KILL_SIGNAL"
 _counter = {"tensor": 0}
 
 
 def point(name: str) -> None:
     target = os.environ.get(_ENV)
     if target and target == name:
-        os.kill(os.getpid(), signal.SIGKILL)
+        sig = signal.SIGINT if os.environ.get(_SIGNAL_ENV) == "INT" else signal.SIGKILL
+        os.kill(os.getpid(), sig)
 
 
 def tensor_written() -> None:
