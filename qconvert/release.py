@@ -219,18 +219,15 @@ def remote_is_current(repo_id: str, source_identity: dict[str, Any], v: Variant,
         return False
     except HfHubHTTPError:
         return False
-    from .convert import RUNTIME_OPTIONS
+    from .convert import manifest_options
 
     remote = json.loads(Path(path).read_text())
-    # the options as the manifest records them: those that change the output, + components
-    options = {k: val for k, val in sorted(v.options.items()) if val is not None and k not in RUNTIME_OPTIONS}
-    options["components"] = list(v.components)
     return (
         remote.get("qconvert_version") == __version__
         and remote.get("source") == source_identity
         and remote.get("backend") == v.backend
         and remote.get("scheme") == v.scheme
-        and remote.get("options") == options
+        and remote.get("options") == manifest_options(v.options, v.components)
     )
 
 

@@ -213,6 +213,17 @@ def copy_license_files(src_root: Path, dst: Path) -> list[Path]:
     return out
 
 
+def manifest_options(options: dict[str, Any], components: tuple[str, ...]) -> dict[str, Any]:
+    """The options as ``qconvert.json`` records them: those that change what is written.
+
+    Options that change how fast, not what is written (``RUNTIME_OPTIONS``), stay out: the
+    manifest, like every other file, must not depend on them.
+    """
+    opts = {k: v for k, v in sorted(options.items()) if v is not None and k not in RUNTIME_OPTIONS}
+    opts["components"] = list(components)
+    return opts
+
+
 def build_manifest(
     source: Source,
     plan: Plan,
@@ -242,10 +253,6 @@ def build_manifest(
         p.relative_to(root).as_posix(): {"size": p.stat().st_size, "sha256": sha256_of(p)}
         for p in sorted(written.get("_root", []))
     }
-    # Options that change how fast, not what is written, stay out: the manifest (like every
-    # other file) must not depend on them.
-    opts = {k: v for k, v in sorted(options.items()) if v is not None and k not in RUNTIME_OPTIONS}
-    opts["components"] = list(components)
     return {
         "format": MANIFEST_FORMAT,
         "tool": "qconvert",
@@ -254,7 +261,7 @@ def build_manifest(
         "backend": plan.backend,
         "scheme": plan.scheme,
         "layout": plan.layout,
-        "options": opts,
+        "options": manifest_options(options, components),
         "components": comps,
         "files": other,
         "bytes_in": plan.bytes_in,
