@@ -292,13 +292,14 @@ def flux(
 @click.option("--min-ssim", type=float, default=None, help="Override the scheme's SSIM floor.")
 @click.option("--max-forward-error", type=float, default=None, help="Override the forward relative-error ceiling.")
 @click.option("--min-memory-reduction", type=float, default=None, help="Override the memory-reduction floor.")
+@click.option("--max-lpips", type=float, default=None, help="LPIPS ceiling; fails when LPIPS cannot be measured.")
 @click.option("--json", "as_json", is_flag=True, help="Print validation.json to stdout.")
 @click.pass_obj
 def validate_cmd(
     state: State, out: Path, reference: str | None, prompts_file: Path | None, steps: int | None,
     size: int | None, seed: int, device: str | None, thresholds_file: Path | None, max_memory: str | None,
     max_step_time: float | None, min_psnr: float | None, min_ssim: float | None,
-    max_forward_error: float | None, min_memory_reduction: float | None, as_json: bool,
+    max_forward_error: float | None, min_memory_reduction: float | None, max_lpips: float | None, as_json: bool,
 ) -> None:
     """Load OUT as a user would, generate with fixed seeds, measure and compare with the source.
 
@@ -320,7 +321,7 @@ def validate_cmd(
             raise UsageError(f"--prompts {prompts_file} holds no prompt")
     overrides: dict[str, Any] = {
         "min_psnr": min_psnr, "min_ssim": min_ssim, "max_forward_rel_error": max_forward_error,
-        "min_memory_reduction": min_memory_reduction, "max_step_time": max_step_time,
+        "min_memory_reduction": min_memory_reduction, "max_step_time": max_step_time, "max_lpips": max_lpips,
     }  # fmt: skip
     if max_memory is not None:
         from .convert.writers import parse_size

@@ -123,6 +123,21 @@ def test_card_body_reports_conversion_and_validation(int8_out):
     assert "![Samples" in text and "(samples/grid.png)" in text
     assert "qconvert flux --source tiny-flux --backend torchao --scheme int8wo" in text
     assert "Apache License 2.0" in text
+    assert f"| LPIPS vs reference (AlexNet) | — |  | {report['quality']['lpips_note']} |" in text
+
+
+def test_card_reports_a_measured_lpips(int8_out, tmp_path):
+    out = tmp_path / "lpips"
+    shutil.copytree(int8_out, out)
+    v = json.loads((out / "validation.json").read_text())
+    v["quality"].update(lpips=0.0123, lpips_note="")
+    (out / "validation.json").write_text(json.dumps(v))
+    assert "| LPIPS vs reference (AlexNet) | 0.0123 |  | measured (no limit set) |" in card_text(out)
+    v["checks"].append({"name": "lpips", "value": 0.0123, "limit": 0.3, "op": "<=", "passed": True, "note": ""})
+    (out / "validation.json").write_text(json.dumps(v))
+    text = card_text(out)
+    assert "| LPIPS vs reference (AlexNet) | 0.0123 | ≤ 0.3000 | pass |" in text
+    assert text.count("LPIPS") == 1
 
 
 def test_rendering_is_deterministic(int8_out, tmp_path):

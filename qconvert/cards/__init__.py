@@ -311,6 +311,7 @@ _CHECK_LABELS = {
     "ssim": "SSIM vs reference",
     "max_memory": "peak memory",
     "max_step_time": "time per step",
+    "lpips": "LPIPS vs reference (AlexNet)",
 }
 
 
@@ -359,9 +360,12 @@ def _validation(facts: CardFacts) -> dict[str, Any] | None:
             "result": "pass" if c.get("passed") else "**FAIL**",
         })  # fmt: skip
     quality = v.get("quality") or {}
-    if quality.get("lpips") is None:
-        note = str(quality.get("lpips_note") or "not measured")
-        checks.append({"name": "LPIPS", "value": "—", "limit": "", "result": note})
+    if not any(c.get("name") == "lpips" for c in v.get("checks") or []):  # measured or not, but no limit set
+        lp = quality.get("lpips")
+        checks.append({
+            "name": _CHECK_LABELS["lpips"], "value": _check_value("lpips", lp), "limit": "",
+            "result": str(quality.get("lpips_note") or "not measured") if lp is None else "measured (no limit set)",
+        })  # fmt: skip
     s = v.get("settings") or {}
     env = v.get("environment") or {}
     device = str(env.get("device") or s.get("device") or "?")

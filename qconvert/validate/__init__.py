@@ -9,8 +9,9 @@ inputs, PSNR/SSIM of the images (torchmetrics). Thresholds come from ``threshold
 backend and scheme, a user file, and flags. Artefacts: ``validation.json``,
 ``samples/quantized-<i>.png``, ``samples/reference-<i>.png`` and ``samples/grid.png``.
 
-LPIPS needs network weights (torchvision/VGG) this tool does not download: it is reported as
-skipped.
+LPIPS (torchmetrics, AlexNet) is measured when torchvision and the AlexNet weights are already
+on the machine; otherwise it is reported as skipped with the reason (qconvert downloads nothing
+for it). ``max_lpips`` makes it a check, which then fails when LPIPS cannot be measured.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ class Check:
     note: str = ""
 
     def line(self) -> str:
+        if self.value is None and self.note:  # could not be measured: say why
+            return f"{self.name}: {self.note}"
         v = "n/a" if self.value is None else f"{self.value:.4g}"
         lim = "" if self.limit is None else f" {self.op} {self.limit:.4g}"
         return f"{self.name}: {v}{lim}"
@@ -107,10 +110,12 @@ class ValidationReport:
         row("load time", f"{q.load_s:.2f} s", f"{r.load_s:.2f} s" if r else "-")
         rows.append("")
         for c in self.checks:
-            rows.append(f"{'PASS' if c.passed else 'FAIL'}  {c.line()}{('  ' + c.note) if c.note else ''}")
+            note = c.note if c.note and c.value is not None else ""
+            rows.append(f"{'PASS' if c.passed else 'FAIL'}  {c.line()}{('  ' + note) if note else ''}")
         lp = self.quality.get("lpips")
-        if lp is None:
-            rows.append(f"skip  lpips: {self.quality.get('lpips_note', 'not available')}")
+        if not any(c.name == "lpips" for c in self.checks):
+            rows.append(f"skip  lpips: {self.quality.get('lpips_note', 'not available')}" if lp is None
+                        else f"info  lpips: {lp:.4g}  (no threshold set)")
         rows.append(f"device {self.settings['device']}, {self.settings['steps']} steps at "
                     f"{self.settings['size']}x{self.settings['size']}, dtype {self.settings['dtype']}")
         return "\n".join(rows)
@@ -418,14 +423,13 @@ def validate(
     r_stats, r_images, r_forward, r_t5 = reference_run
     q_forward, q_t5 = q_forward.cpu(), q_t5.cpu()
 
-    from .metrics import image_quality, relative_error
+    from .metrics import image_quality, lpips, relative_error
 
     quality: dict[str, Any] = image_quality(q_images, r_images)
     quality["forward_rel_error"] = relative_error(q_forward, r_forward)
     quality["t5_rel_error"] = relative_error(q_t5, r_t5)
     quality["finite"] = bool(torch.isfinite(q_images).all())
-    quality["lpips"] = None
-    quality["lpips_note"] = "skipped: LPIPS needs network weights that are not available offline"
+    quality["lpips"], quality["lpips_note"] = lpips(q_images, r_images)
     reduction = r_stats.transformer_bytes / max(1, q_stats.transformer_bytes)
     quality["memory_reduction"] = reduction
 
@@ -441,6 +445,11 @@ def validate(
         Check("psnr", quality["psnr"], thresholds.min_psnr, ">=", quality["psnr"] >= thresholds.min_psnr, "dB vs reference"),
         Check("ssim", quality["ssim"], thresholds.min_ssim, ">=", quality["ssim"] >= thresholds.min_ssim),
     ]  # fmt: skip
+    if thresholds.max_lpips is not None:
+        measured = quality["lpips"] is not None
+        checks.append(Check("lpips", quality["lpips"], thresholds.max_lpips, "<=",
+                            measured and quality["lpips"] <= thresholds.max_lpips,
+                            "" if measured else quality["lpips_note"].replace("skipped: ", "not measured: ")))
     if thresholds.max_memory is not None:
         checks.append(Check("max_memory", q_stats.peak_memory, thresholds.max_memory, "<=",
                             q_stats.peak_memory <= thresholds.max_memory, "peak memory during generation"))

@@ -1,8 +1,14 @@
-"""Quality and size measures: PSNR/SSIM (torchmetrics), forward relative error, weight bytes."""
+"""Quality and size measures: PSNR/SSIM/LPIPS (torchmetrics), forward relative error, weight bytes."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+# LPIPS needs an image backbone: AlexNet from torchvision, its ImageNet weights from the torch hub
+# cache. qconvert never downloads them itself (a validation must not depend on the network).
+LPIPS_FETCH_HINT = "python -c \"import torchvision; torchvision.models.alexnet(weights='DEFAULT')\""
+LPIPS_MIN_SIZE = 32  # AlexNet's strides and pools leave nothing of a smaller image
 
 
 def tensor_storage_bytes(t: Any) -> int:
@@ -62,6 +68,32 @@ def image_quality(quantized: Any, reference: Any) -> dict[str, float]:
     kernel = min(11, q.shape[-1] - (1 - q.shape[-1] % 2), q.shape[-2] - (1 - q.shape[-2] % 2))
     ssim = float(structural_similarity_index_measure(q, r, data_range=1.0, kernel_size=max(3, kernel)))
     return {"psnr": psnr, "ssim": ssim}
+
+
+def lpips(quantized: Any, reference: Any) -> tuple[float | None, str]:
+    """LPIPS (AlexNet) of two image batches in [0, 1], or None and why it was not measured.
+
+    Measured only when torchvision imports and the AlexNet weights are already in the torch hub
+    cache (``torch.hub.get_dir()/checkpoints``), so that torchmetrics never starts a download.
+    """
+    import torch
+
+    try:
+        import torchvision
+    except Exception:  # noqa: BLE001 - not installed, or built for another torch (its ops fail to load)
+        return None, "skipped: needs a working torchvision (pip install 'qconvert[lpips]')"
+    weights = torchvision.models.AlexNet_Weights.DEFAULT
+    path = Path(torch.hub.get_dir()) / "checkpoints" / weights.url.rsplit("/", 1)[-1]
+    if not path.is_file():
+        return None, f"skipped: AlexNet weights not in {path} (fetch them once: {LPIPS_FETCH_HINT})"
+    if min(quantized.shape[-2:]) < LPIPS_MIN_SIZE:
+        return None, f"skipped: images smaller than {LPIPS_MIN_SIZE}x{LPIPS_MIN_SIZE} px"
+    from torchmetrics.functional.image.lpips import learned_perceptual_image_patch_similarity
+
+    value = learned_perceptual_image_patch_similarity(
+        quantized.float().clamp(0, 1), reference.float().clamp(0, 1), net_type="alex", normalize=True
+    )
+    return float(value), ""
 
 
 def relative_error(a: Any, b: Any) -> float:

@@ -22,6 +22,7 @@ class Thresholds:
     max_forward_rel_error: float = 0.5
     min_psnr: float = 12.0
     min_ssim: float = 0.3
+    max_lpips: float | None = None  # a check only when set: LPIPS needs torchvision + local weights
     max_memory: int | None = None  # bytes: peak memory budget (release gates)
     max_step_time: float | None = None  # seconds per denoising step
 
