@@ -327,7 +327,9 @@ def _folder_fingerprint(root: Path) -> str:
     """A cheap identity for a local folder: names, sizes and safetensors headers."""
     h = hashlib.sha256()
     for p in sorted(root.rglob("*")):
-        if not p.is_file() or ".cache" in p.parts:
+        # skip huggingface_hub's download cache *inside* the folder, not a folder that itself
+        # lives under ~/.cache (a Hub snapshot, qconvert's built-ins): test the relative path
+        if not p.is_file() or ".cache" in p.relative_to(root).parts:
             continue
         rel = p.relative_to(root).as_posix()
         h.update(f"{rel}\0{p.stat().st_size}\0".encode())

@@ -28,6 +28,23 @@ def test_local_folder_identity_is_a_fingerprint(tiny_path, tmp_path):
     a = resolve_source(str(tmp_path / "p"))
     b = resolve_source(str(tmp_path / "p"))
     assert a.kind == "local" and a.identity["fingerprint"] == b.identity["fingerprint"]
+    # a changed weight changes it
+    f = tmp_path / "p" / "vae" / "diffusion_pytorch_model.safetensors"
+    f.write_bytes(f.read_bytes() + b" ")
+    assert resolve_source(str(tmp_path / "p")).identity["fingerprint"] != a.identity["fingerprint"]
+
+
+def test_folder_under_a_cache_directory_is_fingerprinted(tiny_path, tmp_path):
+    """A Hub snapshot lives under ~/.cache: its files count; a .cache folder inside does not."""
+    import hashlib
+
+    root = tmp_path / ".cache" / "hub" / "snapshot"
+    shutil.copytree(tiny_path, root)
+    fp = resolve_source(str(root)).identity["fingerprint"]
+    assert fp != hashlib.sha256().hexdigest()  # not the hash of nothing
+    (root / ".cache").mkdir()
+    (root / ".cache" / "download.lock").write_text("x")
+    assert resolve_source(str(root)).identity["fingerprint"] == fp
 
 
 def test_hub_source_downloads_only_pipeline_files(hub, hub_env, tiny_path, tmp_path):
