@@ -119,5 +119,40 @@ def copy_tree(src: Path, dst: Path) -> list[Path]:
     return files
 
 
+def json_bytes(data: Any) -> bytes:
+    """The one JSON layout of qconvert's files (sorted keys: deterministic)."""
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
 def write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    path.write_bytes(json_bytes(data))
+
+
+def public_identity(identity: Any) -> Any:
+    """A source identity without local directories: a ``path`` keeps only its last part.
+
+    The local ``qconvert.json`` records where a local source lives (``qconvert validate`` finds
+    it again); what is published (GGUF metadata, the files pushed to the Hub) must not reveal
+    the user's directory layout.
+    """
+    if not isinstance(identity, dict):
+        return identity
+    return {
+        k: public_identity(v) if isinstance(v, dict) else Path(str(v)).name if k == "path" else v
+        for k, v in identity.items()
+    }
+
+
+def public_file(name: str, data: bytes) -> bytes:
+    """``qconvert.json`` / ``validation.json`` as published: source paths reduced to names."""
+    if name not in ("qconvert.json", "validation.json"):
+        return data
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        return data
+    if name == "qconvert.json" and isinstance(doc.get("source"), dict):
+        doc["source"] = public_identity(doc["source"])
+    elif name == "validation.json" and isinstance((doc.get("settings") or {}).get("reference"), dict):
+        doc["settings"]["reference"] = public_identity(doc["settings"]["reference"])
+    return json_bytes(doc)

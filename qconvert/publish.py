@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .output import public_file
 from .errors import (
     AuthError,
     InputError,
@@ -58,6 +59,7 @@ from .errors import (
 RETRY_STATUSES = (408, 429, 500, 502, 503, 504)
 RETRY_WAITS = (1.0, 2.0, 4.0)  # seconds before the 2nd, 3rd and 4th try of the commit
 KEEP_REMOTE = (".gitattributes",)
+PUBLIC_FILES = ("qconvert.json", "validation.json")  # published with local paths reduced to names
 TOKEN_HINT = "set HF_TOKEN to a write token (https://huggingface.co/settings/tokens) or run `hf auth login`"
 
 
@@ -508,6 +510,10 @@ def push(
             target[name] = (len(data), None, None, data)
             continue
         p = out / name
+        if name in PUBLIC_FILES:  # local source paths reduced to folder/file names
+            data = public_file(name, p.read_bytes())
+            target[name] = (len(data), None, None, data)
+            continue
         size = p.stat().st_size
         entry = known.get(name)
         if entry is not None and entry.get("size") != size:

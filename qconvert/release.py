@@ -221,10 +221,17 @@ def remote_is_current(repo_id: str, source_identity: dict[str, Any], v: Variant,
         return False
     from .convert import manifest_options
 
-    remote = json.loads(Path(path).read_text())
+    from .output import public_identity
+
+    try:
+        remote = json.loads(Path(path).read_text())
+    except (OSError, ValueError):  # unreadable: not a manifest this version wrote, so convert again
+        return False
+    if not isinstance(remote, dict):
+        return False
     return (
         remote.get("qconvert_version") == __version__
-        and remote.get("source") == source_identity
+        and remote.get("source") == public_identity(source_identity)  # published without local paths
         and remote.get("backend") == v.backend
         and remote.get("scheme") == v.scheme
         and remote.get("options") == manifest_options(v.options, v.components)

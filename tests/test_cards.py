@@ -265,3 +265,11 @@ def test_usage_snippets_run(int8_out, tmp_path):
     assert Image.open(tmp_path / "flux-int8wo.png").size == (32, 32)
     assert Image.open(tmp_path / "flux-Q8_0.png").size == (32, 32)
     assert tree_hashes(clone) == before
+
+
+def test_gguf_card_for_a_hub_repo_names_a_local_base_by_folder_name_only(local_source, tmp_path):
+    out = _convert(str(local_source), "gguf", "Q8_0", tmp_path / "gguf", layout="diffusers")
+    local = extract_usage(card_text(out, license="apache-2.0"))
+    assert json.dumps(local_source.resolve().as_posix()) in local  # runs here, as written
+    hub = card_text(out, license="apache-2.0", repo_id="acme/my-flux-gguf")
+    assert str(local_source.parent) not in hub and '"./my-flux"' in extract_usage(hub)

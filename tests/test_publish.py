@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_one_line_error, run_cli, tree_hashes
+from qconvert import __version__
 from qconvert.errors import AuthError, PublishError, ValidationFailed
 from qconvert.publish import push
 from test_cards import shared_validated_int8
@@ -47,7 +48,7 @@ def test_push_download_generate_and_repush(hub, hub_env, int8_out, tmp_path):
     assert local <= set(files) and set(files) - local == {".gitattributes"}
     readme = hub.read_file(repo, "README.md").decode()
     assert f'FluxPipeline.from_pretrained("{repo}"' in readme
-    assert "qconvert 0.1.0: torchao int8wo of tiny-flux" == hub.commits(repo)[0]["title"]
+    assert f"qconvert {__version__}: torchao int8wo of tiny-flux" == hub.commits(repo)[0]["title"]
 
     # a user downloads it and generates
     import torch
@@ -79,7 +80,7 @@ def test_dry_run_changes_nothing(hub, hub_env, int8_out):
     out = proc.stdout
     assert f"repo: {repo} (public, will be created)" in out
     assert "upload    transformer/diffusion_pytorch_model.safetensors" in out
-    assert "commit message: qconvert 0.1.0: torchao int8wo of tiny-flux" in out
+    assert f"commit message: qconvert {__version__}: torchao int8wo of tiny-flux" in out
     assert "collection: Dry quants" in out and "dry run: nothing was changed" in out
     assert not hub.repo_exists(repo)
     assert _writes(hub) == writes
@@ -255,3 +256,38 @@ def test_revalidated_identical_conversion_makes_no_commit(hub, hub_env, tmp_path
     second = run_cli(*args, "--out", str(tmp_path / "two"), env=_hub_env(hub))
     assert second.returncode == 0, second.stderr
     assert hub.commit_count("acme/revalidated") == count
+
+
+def test_published_manifest_and_validation_name_no_local_directories(hub, hub_env, tiny_path, tmp_path):
+    """A local source's absolute path stays in the local qconvert.json (validate finds the
+    source again) but the Hub gets only the folder's name; re-pushing changes nothing."""
+    from qconvert.convert import convert
+    from qconvert.sources import resolve_source
+
+    src = tmp_path / "private-dir" / "my-flux"
+    shutil.copytree(tiny_path, src)
+    out = tmp_path / "out"
+    convert(resolve_source(str(src)), "torchao", "int8wo", out, progress=False)
+    local = json.loads((out / "qconvert.json").read_text())
+    assert local["source"]["path"] == str(src.resolve())
+    # a validation.json that records the same identity (as validate writes it)
+    (out / "validation.json").write_text(json.dumps({"passed": True, "failed": [], "checks": [],
+                                                     "settings": {"reference": local["source"]}}))  # fmt: skip
+    from qconvert.cards import render_card
+
+    render_card(out, license="apache-2.0")  # a local folder's license is unknown
+    repo = "acme/local-src-int8"
+    res = push(out, repo, token=hub.token, endpoint=hub.endpoint)
+    assert res.committed
+    for name in hub.files(repo):
+        assert str(tmp_path) not in hub.read_file(repo, name).decode("utf-8", "replace"), name
+    remote = json.loads(hub.read_file(repo, "qconvert.json"))
+    assert remote["source"] == {**local["source"], "path": "my-flux"}
+    assert json.loads(hub.read_file(repo, "validation.json"))["settings"]["reference"]["path"] == "my-flux"
+    again = push(out, repo, token=hub.token, endpoint=hub.endpoint)
+    assert not again.committed and again.up_to_date
+    # the release's "already published?" check compares against the published identity
+    from qconvert.release import Variant, remote_is_current
+
+    v = Variant("int8wo", "torchao", "int8wo", repo, tuple(local["options"]["components"]))
+    assert remote_is_current(repo, local["source"], v, token=hub.token, endpoint=hub.endpoint)

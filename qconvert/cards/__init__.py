@@ -222,7 +222,9 @@ def _base_expr(facts: CardFacts) -> tuple[list[str], str]:
         return ["from qconvert.tiny import builtin_path"], f"str(builtin_path({json.dumps(base.get('name'))}))"
     if facts.base_model:
         return [], json.dumps(facts.base_model)
-    return [], json.dumps(Path(str(base.get("path", "."))).as_posix())
+    path = Path(str(base.get("path", ".")))
+    # a card for a Hub repo never names the converter's own directories: the base folder's name
+    return [], json.dumps("./" + path.name if facts.repo_id else path.as_posix())
 
 
 def usage_snippet(facts: CardFacts) -> str:

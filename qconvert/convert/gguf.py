@@ -71,6 +71,7 @@ import numpy as np
 
 from .. import __version__, flux
 from ..errors import InputError, NotAFluxModel, UsageError
+from ..output import public_identity
 from ..plan import CAST, KEEP, QUANTIZE, ComponentPlan, Policy, Rule, TensorPlan
 from ..sources import Component, FileSegment, SourceTensor, read_safetensors_header
 from .base import Backend, ModelFacts, ProgressFn
@@ -255,19 +256,6 @@ def short_name(identity: dict[str, Any], root: Path | None = None) -> str:
     name = re.sub(r"[^a-z0-9._-]+", "-", raw.lower()).strip("-.")
     name = re.sub(r"^flux(?:[._-]?1)?[._-]+(?=[a-z0-9])", "", name)
     return name or "model"
-
-
-def _public_identity(identity: dict[str, Any]) -> dict[str, Any]:
-    """The source identity without local directories (file/folder names stay)."""
-    out: dict[str, Any] = {}
-    for k, v in identity.items():
-        if isinstance(v, dict):
-            out[k] = _public_identity(v)
-        elif k == "path":
-            out[k] = Path(str(v)).name
-        else:
-            out[k] = v
-    return out
 
 
 def _natural_key(name: str) -> list[Any]:
@@ -524,7 +512,7 @@ class GGUFBackend(Backend):
 
     def metadata(self, component: str, name: str, comp: Component, identity: dict[str, Any]) -> dict[str, Any]:
         """KV pairs besides general.architecture: key -> (value, gguf value type name)."""
-        src = _public_identity(identity)
+        src = public_identity(identity)
         kv: dict[str, Any] = {
             "general.name": (f"{FILE_PREFIX[component]}-{name}", "STRING"),
             "general.file_type": (FILE_TYPES[self.scheme], "UINT32"),
