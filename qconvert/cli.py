@@ -126,7 +126,7 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
 @click.option("--thresholds", "thresholds_file", type=click.Path(path_type=Path), default=None, help="Validation thresholds TOML.")
 @click.option("--push", "do_push", is_flag=True, help="Write the card and push to the Hub after a passing validation.")
 @click.option("--namespace", default=None, help="--push: user or org [the token's user].")
-@click.option("--repo-id", default=None, help="--push: repo [<namespace>/<source>-<backend>-<scheme>].")
+@click.option("--repo-id", default=None, help="--push: repo [<namespace>/<name of the --out folder>].")
 @click.option("--private", is_flag=True, help="--push: create the repo private.")
 @click.option("--collection", default=None, help="--push: add the repo to this collection (created if needed).")
 @click.option("--license", "license_", default=None, help="--push: license id when the base model has none.")
@@ -201,9 +201,22 @@ def flux(
 
     backend_obj = get_backend(backend, scheme, **options)
     backend_obj.check_environment()
+    token = hub_token()
     if not dry_run:
         check_output(out.absolute(), overwrite=overwrite)
-    token = hub_token()
+        # Everything that can fail after the conversion is checked before it: a bad --device,
+        # --thresholds file or push target must not cost a whole conversion.
+        if not no_validate:
+            from .validate import pick_device
+            from .validate.thresholds import load_thresholds
+
+            pick_device(device)
+            load_thresholds(backend, scheme, file=thresholds_file)
+        if do_push:
+            repo_id = _push_repo_id(repo_id, namespace, out, token)
+            from .publish import check_push_target
+
+            check_push_target(repo_id, token=token, endpoint=hub_endpoint())
     t0 = time.perf_counter()
     state.info(f"resolving source {source}")
     src = resolve_source(source, revision=revision, base=base, token=token, endpoint=hub_endpoint())
@@ -260,21 +273,27 @@ def flux(
         from .cards import render_card
         from .publish import push
 
-        if repo_id is None:
-            if namespace is None:
-                from huggingface_hub import HfApi
-
-                from .errors import AuthError
-
-                try:
-                    namespace = HfApi(endpoint=hub_endpoint(), token=token).whoami()["name"]
-                except Exception:  # noqa: BLE001 - any failure means no usable token
-                    raise AuthError("cannot tell whose namespace to push to", hint="pass --namespace or --repo-id, and set HF_TOKEN") from None
-            repo_id = f"{namespace}/{Path(str(out)).name}"
+        assert repo_id is not None  # set by the checks before converting
         render_card(result.out, license=license_, token=token, endpoint=hub_endpoint())
         pushed = push(result.out, repo_id, token=token, endpoint=hub_endpoint(), private=private,
                       collection=collection, allow_unvalidated=no_validate, info=state.info)  # fmt: skip
         state.info(f"pushed {pushed.url}" if pushed.committed else f"{pushed.url} already up to date: no commit made")
+
+
+def _push_repo_id(repo_id: str | None, namespace: str | None, out: Path, token: str | None) -> str:
+    """--repo-id, or <namespace>/<out folder name> (namespace: the token's user by default)."""
+    if repo_id is not None:
+        return repo_id
+    if namespace is None:
+        from huggingface_hub import HfApi
+
+        from .errors import AuthError
+
+        try:
+            namespace = HfApi(endpoint=hub_endpoint(), token=token).whoami()["name"]
+        except Exception:  # noqa: BLE001 - any failure means no usable token
+            raise AuthError("cannot tell whose namespace to push to", hint="pass --namespace or --repo-id, and set HF_TOKEN") from None
+    return f"{namespace}/{Path(str(out)).name}"
 
 
 @cli.command("validate")

@@ -379,6 +379,17 @@ def collection_note(manifest: dict[str, Any], validation: dict[str, Any] | None)
     return note
 
 
+def check_push_target(repo_id: str, *, token: str | None, endpoint: str | None) -> None:
+    """Fail now, before hours of converting, if ``repo_id`` is malformed or the token cannot push there."""
+    from huggingface_hub import HfApi
+
+    from .sources import looks_like_repo_id
+
+    if not looks_like_repo_id(repo_id):
+        raise UsageError(f"--repo-id {repo_id!r} is not a Hub repo id", hint="use the form namespace/name")
+    _check_token(HfApi(endpoint=endpoint, token=token), token, repo_id, endpoint=endpoint)
+
+
 def _check_token(api: Any, token: str | None, repo_id: str, *, endpoint: str | None) -> dict[str, Any]:
     if not token:
         raise AuthError("no Hub token found: pushing needs one", hint=TOKEN_HINT)

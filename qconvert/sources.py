@@ -360,13 +360,22 @@ HUB_IGNORE_PATTERNS = ["*.bin", "*.pt", "*.ckpt", "*/*.fp16.safetensors", "*.onn
 
 
 def looks_like_repo_id(spec: str) -> bool:
+    """``namespace/name`` as the Hub accepts it (huggingface_hub's own rules: no "--" or "..")."""
     parts = spec.split("/")
-    return (
+    if not (
         len(parts) == 2
         and all(parts)
         and not spec.startswith((".", "/", "~"))
         and all(c.isalnum() or c in "-_." for c in spec.replace("/", ""))
-    )
+    ):
+        return False
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(spec)
+    except HFValidationError:
+        return False
+    return True
 
 
 def download_hub_source(

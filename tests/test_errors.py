@@ -152,6 +152,7 @@ OPTION_CASES = {
     "gguf IQ type": (["--backend", "gguf", "--scheme", "IQ2_XXS"], 2, "scheme"),
     "bad component": (["--components", "vae"], 2, "components"),
     "bad shard size": (["--max-shard-size", "lots"], 2, "shard"),
+    "infinite shard size": (["--max-shard-size", "infGB"], 2, "shard"),
     "bfl without base": (None, 2, "--base"),
 }
 
@@ -178,6 +179,31 @@ def test_bad_option(case, tmp_path, tiny_path):
                    "--out", str(out), "--no-validate", *args)
     assert_one_line_error(proc, code=code, contains=text)
     assert not out.exists()
+
+
+# Options used only after the conversion (validation, push) are checked before it: a typo must
+# not cost a whole conversion and leave an output that needs --overwrite. name -> (args, exit, text)
+LATE_OPTION_CASES = {
+    "validation device that is not one": (["--device", "gpu"], 2, "cuda:N"),
+    "cuda without a GPU": (["--device", "cuda"], 3, "no CUDA GPU"),
+    "missing thresholds file": (["--thresholds", "missing.toml"], 2, "thresholds"),
+    "push without a token": (["--push", "--repo-id", "acme/x"], 5, "no Hub token"),
+    "push to a malformed repo id": (["--push", "--repo-id", "acme/bad..name"], 2, "repo id"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LATE_OPTION_CASES))
+def test_options_of_later_steps_fail_before_converting(case, tmp_path, monkeypatch):
+    if case == "cuda without a GPU" and torch.cuda.is_available():
+        pytest.fail("this case needs a machine without CUDA (CI has none)")
+    args, code, text = LATE_OPTION_CASES[case]
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no stored token either
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    proc = invoke("flux", "--source", "tiny-flux", "--backend", "torchao", "--scheme", "int8wo", "--out", str(out), *args)
+    assert_one_line_error(proc, code=code, contains=text)
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["hf-home"] if (tmp_path / "hf-home").exists() else [])
 
 
 def test_existing_out_is_refused_and_untouched(tmp_path):

@@ -15,6 +15,8 @@ File names follow diffusers/transformers: ``<base>.safetensors`` for one shard, 
 
 from __future__ import annotations
 
+import math
+
 import json
 import os
 import shutil
@@ -162,5 +164,8 @@ def parse_size(text: str | int) -> int:
     }  # fmt: skip
     for u, mult in units.items():
         if s.endswith(u):
-            return int(float(s[: -len(u)]) * mult)
+            number = float(s[: -len(u)])
+            if not math.isfinite(number):  # "infGB", "nanMB": int() would raise OverflowError
+                raise ValueError(f"not a finite size: {text!r}")
+            return int(number * mult)
     return int(s)
