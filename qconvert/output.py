@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import DiskSpaceError, OutputExists
+from .errors import DiskSpaceError, InputError, OutputExists
 
 TMP_MARK = ".qconvert-tmp-"
 
@@ -156,3 +156,21 @@ def public_file(name: str, data: bytes) -> bytes:
     elif name == "validation.json" and isinstance((doc.get("settings") or {}).get("reference"), dict):
         doc["settings"]["reference"] = public_identity(doc["settings"]["reference"])
     return json_bytes(doc)
+
+
+def read_manifest(out: Path) -> dict[str, Any]:
+    from ..convert import MANIFEST_NAME
+
+    out = Path(out)
+    if not out.is_dir():
+        raise InputError(f"{out} is not a folder", hint="pass the --out folder of a qconvert conversion")
+    path = out / MANIFEST_NAME
+    if not path.is_file():
+        raise InputError(f"{out} has no {MANIFEST_NAME}: not a qconvert output", hint="convert with `qconvert flux` first")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        raise InputError(f"{path} is not readable JSON", hint="convert again") from None
+    if not isinstance(data, dict) or not {"backend", "scheme", "source", "components"} <= set(data):
+        raise InputError(f"{path} is not a qconvert manifest", hint="convert again")
+    return data

@@ -481,7 +481,8 @@ def push(
     register_secret(token)
     log = info or (lambda msg: None)
     from .cards import CARD_NAME, card_text, is_generated_card
-    from .cards.data import read_manifest, read_validation
+    from .cards.data import read_validation
+    from .output import read_manifest
     from .sources import looks_like_repo_id
 
     out = Path(out)

@@ -29,7 +29,7 @@ import json
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -109,8 +109,21 @@ def _plan_error(path: Path, text: str, msg: str, key: str | None = None, variant
     return UsageError(f"{path.name}{line}: {msg}")
 
 
+def _check_thresholds(path: Path, text: str, table: Any, where: str, variant: int | None) -> None:
+    """A thresholds table of known keys: a typo must not leave a variant gated by the defaults."""
+    from .validate.thresholds import Thresholds
+
+    if not isinstance(table, dict):
+        raise _plan_error(path, text, f"{where} must be a table, e.g. thresholds = {{ min_psnr = 20 }}", "thresholds", variant)
+    known = [f.name for f in fields(Thresholds)]
+    for key in table:
+        if key not in known:
+            raise _plan_error(path, text, f"unknown threshold {key!r} in {where} (valid: {', '.join(known)})", key, variant)
+
+
 def load_plan(path: Path | str) -> ReleasePlan:
-    from .convert import SCHEMES, parse_components
+    from .convert import SCHEMES, check_options, parse_components
+    from .sources import looks_like_repo_id
 
     path = Path(path)
     try:
@@ -135,6 +148,9 @@ def load_plan(path: Path | str) -> ReleasePlan:
     source = str(rel["source"])
     source_name = source.rstrip("/").split("/")[-1].removesuffix(".safetensors")
     pattern = rel.get("repo_pattern", "{source_name}-{backend}-{scheme}")
+    if not isinstance(pattern, str):
+        raise _plan_error(path, text, "repo_pattern must be a string", "repo_pattern")
+    _check_thresholds(path, text, rel.get("thresholds", {}), "[release] thresholds", None)
     default_components = rel.get("components")
     raw_variants = data.get("variant")
     if not isinstance(raw_variants, list) or not raw_variants:
@@ -162,12 +178,29 @@ def load_plan(path: Path | str) -> ReleasePlan:
             components = parse_components(",".join(comps) if isinstance(comps, list) else comps)
         except UsageError as e:
             raise _plan_error(path, text, f"variant {name!r}: {e.message} (components)", "components", i) from None
-        repo_id = rv.get("repo_id") or f"{namespace}/" + pattern.format(
-            source_name=source_name, backend=backend, scheme=scheme, name=name
-        )
+        try:
+            repo_id = rv.get("repo_id") or f"{namespace}/" + pattern.format(
+                source_name=source_name, backend=backend, scheme=scheme, name=name
+            )
+        except (KeyError, IndexError, ValueError) as e:
+            raise _plan_error(
+                path, text, f"repo_pattern {pattern!r} cannot be filled ({e}): it may use "
+                "{source_name}, {backend}, {scheme} and {name}", "repo_pattern",
+            ) from None
+        if not looks_like_repo_id(str(repo_id)):
+            raise _plan_error(path, text, f"variant {name!r}: {repo_id!r} is not a Hub repo id (namespace/name)",
+                              "repo_id" if rv.get("repo_id") else "namespace", i if rv.get("repo_id") else None)
+        options = rv.get("options", {})
+        if not isinstance(options, dict):
+            raise _plan_error(path, text, f"variant {name!r}: options must be a table, e.g. options = {{ jobs = 2 }}", "options", i)
+        try:
+            check_options(backend, options)
+        except UsageError as e:
+            raise _plan_error(path, text, f"variant {name!r}: {e.message} ({e.hint})", "options", i) from None
+        _check_thresholds(path, text, rv.get("thresholds", {}), f"variant {name!r} thresholds", i)
         thresholds = {**rel.get("thresholds", {}), **rv.get("thresholds", {})}
         variants.append(
-            Variant(name, backend, scheme, repo_id, components, dict(rv.get("options", {})), thresholds,
+            Variant(name, backend, scheme, repo_id, components, dict(options), thresholds,
                     bool(rv.get("private", rel.get("private", False))))  # fmt: skip
         )
     return ReleasePlan(path, source, rel.get("revision"), rel.get("base"), namespace, rel.get("collection"),

@@ -153,6 +153,8 @@ OPTION_CASES = {
     "bad component": (["--components", "vae"], 2, "components"),
     "bad shard size": (["--max-shard-size", "lots"], 2, "shard"),
     "infinite shard size": (["--max-shard-size", "infGB"], 2, "shard"),
+    "option the backend does not read": (["--layout", "bfl"], 2, "does not take 'layout'"),
+    "shards for gguf": (["--backend", "gguf", "--scheme", "Q8_0", "--max-shard-size", "5GB"], 2, "max_shard_size"),
     "bfl without base": (None, 2, "--base"),
 }
 

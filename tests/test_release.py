@@ -31,6 +31,14 @@ BAD_PLANS = {
     "unknown key": (GOOD.replace('namespace = "acme"', 'namespace = "acme"\nsorce = "x"'), "unknown key 'sorce'"),
     "no variants": ('[release]\nsource = "tiny-flux"\nnamespace = "acme"\n', "no [[variant]]"),
     "bad components": (GOOD + 'components = ["vae"]\n', "components"),
+    "repo_pattern with an unknown field": (GOOD.replace('namespace = "acme"', 'namespace = "acme"\nrepo_pattern = "{source}"'), "repo_pattern"),
+    "repo_pattern not a string": (GOOD.replace('namespace = "acme"', 'namespace = "acme"\nrepo_pattern = 3'), "repo_pattern"),
+    "malformed repo id": (GOOD + 'repo_id = "acme/bad..name"\n', "not a Hub repo id"),
+    "options not a table": (GOOD + 'options = "fast"\n', "options must be a table"),
+    "option the backend does not read": (GOOD + 'options = { layout = "bfl" }\n', "does not take 'layout'"),
+    "thresholds not a table": (GOOD + 'thresholds = 3\n', "thresholds must be a table"),
+    "misspelt threshold": (GOOD + 'thresholds = { min_psrn = 40 }\n', "unknown threshold 'min_psrn'"),
+    "misspelt release threshold": (GOOD.replace('namespace = "acme"', 'namespace = "acme"\nthresholds = { max_memry = "1GB" }'), "line 5"),
 }
 
 

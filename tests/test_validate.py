@@ -121,3 +121,8 @@ def test_thresholds_layering(tmp_path):
 def test_validate_rejects_a_folder_without_manifest(tmp_path):
     proc = run_cli("validate", str(tmp_path))
     assert_one_line_error(proc, code=3, contains="qconvert.json")
+
+
+def test_threshold_overrides_are_checked_too():
+    with pytest.raises(Exception, match="unknown threshold 'min_psrn'"):
+        load_thresholds("bnb", "nf4", overrides={"min_psrn": 40.0})

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError, UsageError
+from ..output import read_manifest
 from .data import (
     CARD_MARKER,
     CARD_NAME,
@@ -42,7 +43,6 @@ from .data import (
     install_line,
     is_generated_card,
     ordered_components,
-    read_manifest,
     read_validation,
     reproduce_command,
     resolve_license,

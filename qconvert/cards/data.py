@@ -73,24 +73,6 @@ class CardFacts:
 # --- reading -------------------------------------------------------------------------------
 
 
-def read_manifest(out: Path) -> dict[str, Any]:
-    from ..convert import MANIFEST_NAME
-
-    out = Path(out)
-    if not out.is_dir():
-        raise InputError(f"{out} is not a folder", hint="pass the --out folder of a qconvert conversion")
-    path = out / MANIFEST_NAME
-    if not path.is_file():
-        raise InputError(f"{out} has no {MANIFEST_NAME}: not a qconvert output", hint="convert with `qconvert flux` first")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        raise InputError(f"{path} is not readable JSON", hint="convert again") from None
-    if not isinstance(data, dict) or "backend" not in data or "components" not in data:
-        raise InputError(f"{path} is not a qconvert manifest", hint="convert again")
-    return data
-
-
 def read_validation(out: Path) -> dict[str, Any] | None:
     from ..validate import VALIDATION_NAME
 

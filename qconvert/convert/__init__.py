@@ -35,9 +35,29 @@ SCHEMES: dict[str, tuple[str, ...]] = {
     ),
 }  # fmt: skip
 
+# Options each backend reads (CLI flags, release-plan ``options``), also without importing it:
+# a release plan is checked where only qconvert itself is installed (the workflow's plan job).
+OPTIONS: dict[str, tuple[str, ...]] = {
+    "torchao": ("jobs", "max_shard_size"),
+    "bnb": ("jobs", "max_shard_size", "compute_dtype", "quantize_keep_fp32"),
+    "gguf": ("jobs", "layout", "pool"),  # one .gguf file per model: no shards
+}
+
 MANIFEST_NAME = "qconvert.json"
 RUNTIME_OPTIONS = frozenset({"jobs", "pool"})
 MANIFEST_FORMAT = 1
+
+
+def check_options(backend: str, options: dict[str, Any]) -> None:
+    """Refuse an option the backend does not read: silently ignored, it would still be recorded
+    in the manifest and the card's reproduce command, and a release would republish for it."""
+    accepted = OPTIONS.get(backend, ())
+    unknown = sorted(k for k, v in options.items() if v is not None and k not in accepted)
+    if unknown:
+        raise UsageError(
+            f"the {backend} backend does not take {unknown[0]!r} (--{unknown[0].replace('_', '-')})",
+            hint=f"its options: {', '.join(accepted)}",
+        )
 
 
 def backend_class(name: str) -> type:

@@ -121,6 +121,9 @@ class Backend:
                 f"unknown {self.name} scheme {scheme!r}",
                 hint=f"choose one of: {', '.join(self.schemes)}",
             )
+        from . import check_options
+
+        check_options(self.name, options)
         self.scheme = scheme
         self.options = options
         jobs = options.get("jobs")

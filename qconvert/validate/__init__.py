@@ -125,17 +125,6 @@ class ValidationReport:
 # --- loading -------------------------------------------------------------------------------
 
 
-def read_manifest(out: Path) -> dict[str, Any]:
-    from ..convert import MANIFEST_NAME
-
-    path = Path(out) / MANIFEST_NAME
-    if not Path(out).is_dir():
-        raise InputError(f"{out} is not a folder", hint="pass the --out folder of a qconvert conversion")
-    if not path.is_file():
-        raise InputError(f"{out} has no {MANIFEST_NAME}", hint="validate a folder written by `qconvert flux`")
-    return json.loads(path.read_text())
-
-
 def reference_source(manifest: dict[str, Any], spec: str | None, *, token: str | None, endpoint: str | None) -> Any:
     """The source the output was converted from (or ``spec``), resolved again."""
     from ..sources import resolve_source
@@ -416,6 +405,8 @@ def validate(
     import torch
 
     out = Path(out)
+    from ..output import read_manifest
+
     manifest = read_manifest(out)
     dev = pick_device(device)
     on_gpu = dev.startswith("cuda")

@@ -59,7 +59,5 @@ def load_thresholds(
     for where, data in tables:
         _apply(t, data.get("default", {}), where)
         _apply(t, data.get(backend, {}).get(scheme, {}), where)
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            setattr(t, key, value)
+    _apply(t, {k: v for k, v in (overrides or {}).items() if v is not None}, "the overrides")
     return t
