@@ -295,7 +295,7 @@ def tables() -> str:
                 continue
             q, ql = r["quantized"], r["quality"]
             lines.append(f"{name:<16}{human_bytes(q['transformer_bytes']):>11}{human_bytes(q['memory_after_load']):>12}"
-                         f"{human_bytes(q['peak_memory']):>11}{q['step_s']:>8.3f}{ql['psnr']:>7.1f}{ql['ssim']:>7.3f}"
+                         f"{human_bytes(q['peak_memory']):>11}{q['step_s']:>8.3f}{(ql['psnr'] if ql['psnr'] is not None else float('inf')):>7.1f}{ql['ssim']:>7.3f}"
                          f"{ql['forward_rel_error']:>9.4f}{ql['t5_rel_error']:>8.4f}{r['convert_s']:>8.0f}  {r['passed']}")
     return "\n".join(lines)
 

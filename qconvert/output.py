@@ -159,7 +159,7 @@ def public_file(name: str, data: bytes) -> bytes:
 
 
 def read_manifest(out: Path) -> dict[str, Any]:
-    from ..convert import MANIFEST_NAME
+    from .convert import MANIFEST_NAME
 
     out = Path(out)
     if not out.is_dir():

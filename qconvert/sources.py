@@ -66,7 +66,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, HeaderEntry], dict[st
     with open(path, "rb") as fh:
         raw = fh.read(8)
         if len(raw) < 8:
-            raise CorruptCheckpoint(f"{label} is not a safetensors file (too short)")
+            raise CorruptCheckpoint(f"{label} is not a safetensors file (too short)", hint="re-download it")
         (n,) = struct.unpack("<Q", raw)
         if n <= 1 or n > _MAX_HEADER:
             raise CorruptCheckpoint(
@@ -80,7 +80,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, HeaderEntry], dict[st
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise CorruptCheckpoint(f"{label} has a corrupt safetensors header", hint="re-download it") from None
     if not isinstance(header, dict):
-        raise CorruptCheckpoint(f"{label} has a corrupt safetensors header")
+        raise CorruptCheckpoint(f"{label} has a corrupt safetensors header", hint="re-download it")
     metadata = header.pop("__metadata__", None) or {}
     entries: dict[str, HeaderEntry] = {}
     data_len = size - 8 - n
@@ -89,14 +89,17 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, HeaderEntry], dict[st
         try:
             dtype, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
         except (KeyError, TypeError, ValueError):
-            raise CorruptCheckpoint(f"{label}: malformed header entry for {key}") from None
+            raise CorruptCheckpoint(f"{label}: malformed header entry for {key}", hint="re-download it") from None
+        ints = (start, end, *shape)
+        if not all(type(v) is int and v >= 0 for v in ints) or end < start:
+            raise CorruptCheckpoint(f"{label}: malformed offsets or shape for {key}", hint="re-download it")
         if dtype not in DTYPE_SIZES:
             raise CorruptCheckpoint(f"{label}: tensor {key} has unsupported dtype {dtype}")
         numel = 1
         for d in shape:
             numel *= d
         if end - start != numel * DTYPE_SIZES[dtype]:
-            raise CorruptCheckpoint(f"{label}: tensor {key} size does not match its shape")
+            raise CorruptCheckpoint(f"{label}: tensor {key} size does not match its shape", hint="re-download it")
         end_max = max(end_max, end)
         entries[key] = HeaderEntry(dtype, shape)
     if end_max > data_len:

@@ -126,6 +126,18 @@ def test_card_body_reports_conversion_and_validation(int8_out):
     assert f"| LPIPS vs reference (AlexNet) | — |  | {report['quality']['lpips_note']} |" in text
 
 
+def test_card_shows_identical_images_as_infinite_psnr(int8_out, tmp_path):
+    out = tmp_path / "same"
+    shutil.copytree(int8_out, out)
+    v = json.loads((out / "validation.json").read_text())
+    v["quality"].update(psnr=None, identical_images=True)
+    for c in v["checks"]:
+        if c["name"] == "psnr":
+            c["value"] = None
+    (out / "validation.json").write_text(json.dumps(v))
+    assert "| PSNR vs reference | ∞ (identical images) |" in card_text(out)
+
+
 def test_card_reports_a_measured_lpips(int8_out, tmp_path):
     out = tmp_path / "lpips"
     shutil.copytree(int8_out, out)

@@ -70,6 +70,20 @@ def _corrupt_header(tiny, tmp):
     return d
 
 
+def _string_offsets(tiny, tmp):
+    """A header whose data_offsets are strings (json.loads accepts it; arithmetic would not)."""
+    d = _copy_tiny(tiny, tmp)
+    f = d / "transformer" / ST
+    raw = f.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + n])
+    key = next(k for k in header if k != "__metadata__")
+    header[key]["data_offsets"] = [str(v) for v in header[key]["data_offsets"]]
+    new = json.dumps(header).encode()
+    f.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n :])
+    return d
+
+
 def _huge_header_len(tiny, tmp):
     d = _copy_tiny(tiny, tmp)
     f = d / "transformer" / ST
@@ -134,6 +148,7 @@ FLUX_CASES = {
     "truncated safetensors": (lambda t, d: str(_truncated(t, d)), 3, "truncated"),
     "corrupt header": (lambda t, d: str(_corrupt_header(t, d)), 3, "header"),
     "huge header length": (lambda t, d: str(_huge_header_len(t, d)), 3, "header"),
+    "string offsets in header": (lambda t, d: str(_string_offsets(t, d)), 3, "malformed offsets"),
     "nan weight": (lambda t, d: str(_edit_transformer(t, d, _nan)), 3, "NaN"),
     "shape mismatch": (lambda t, d: str(_edit_transformer(t, d, _bad_shape)), 3, "shape"),
     "integer weight": (lambda t, d: str(_edit_transformer(t, d, _int_dtype)), 3, "dtype"),

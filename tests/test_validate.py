@@ -126,3 +126,18 @@ def test_validate_rejects_a_folder_without_manifest(tmp_path):
 def test_threshold_overrides_are_checked_too():
     with pytest.raises(Exception, match="unknown threshold 'min_psrn'"):
         load_thresholds("bnb", "nf4", overrides={"min_psrn": 40.0})
+
+
+def test_identical_images_give_valid_json(tmp_path):
+    """PSNR of identical images is infinite; validation.json stays valid JSON (null + a flag)."""
+    from qconvert.validate import Check, RunStats, ValidationReport
+
+    inf = float("inf")
+    report = ValidationReport(
+        tmp_path, True, [Check("psnr", inf, 22.0, ">=", True)], RunStats(), RunStats(),
+        {"psnr": inf, "ssim": 1.0, "identical_images": True}, {}, {}, load_thresholds("torchao", "int8wo"),
+    )  # fmt: skip
+    text = json.dumps(report.to_dict(), allow_nan=False)
+    data = json.loads(text)
+    assert data["quality"]["psnr"] is None and data["quality"]["identical_images"]
+    assert data["checks"][0]["value"] is None and data["checks"][0]["passed"]

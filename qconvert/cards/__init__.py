@@ -351,13 +351,14 @@ def _validation(facts: CardFacts) -> dict[str, Any] | None:
         f = _human if kind == "bytes" else (lambda x: f"{_fmt(x, '.4f')} s" if isinstance(x, (int, float)) else "—")
         stats.append({"label": label, "quantized": f(q.get(key)), "reference": f(r.get(key)) if r else "—"})
     checks = []
+    identical = bool((v.get("quality") or {}).get("identical_images"))
     for c in v.get("checks") or []:
         name = str(c.get("name"))
         limit = c.get("limit")
         op = {">=": "≥", "<=": "≤"}.get(str(c.get("op")), str(c.get("op")))
         checks.append({
             "name": _CHECK_LABELS.get(name, name),
-            "value": _check_value(name, c.get("value")),
+            "value": "∞ (identical images)" if name == "psnr" and identical else _check_value(name, c.get("value")),
             "limit": "" if limit is None or name == "finite_images" else f"{op} {_check_value(name, limit)}",
             "result": "pass" if c.get("passed") else "**FAIL**",
         })  # fmt: skip

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import platform
 import re
 import time
@@ -64,6 +65,20 @@ class Check:
         return f"{self.name}: {v}{lim}"
 
 
+def _json_safe(value: Any) -> Any:
+    """JSON has no Infinity/NaN (``json.dumps`` would write invalid JSON): null instead.
+
+    PSNR is infinite for images identical to the reference; ``quality.identical_images`` says so.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 @dataclass
 class ValidationReport:
     out: Path
@@ -80,7 +95,7 @@ class ValidationReport:
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
 
-        return {
+        return _json_safe({
             "format": 1,
             "passed": self.passed,
             "failed": [c.name for c in self.checks if not c.passed],
@@ -92,7 +107,7 @@ class ValidationReport:
             "thresholds": self.thresholds.to_dict(),
             "environment": self.environment,
             "samples": self.samples,
-        }
+        })
 
     def table(self) -> str:
         from ..plan import human_bytes
@@ -453,6 +468,7 @@ def validate(
     from .metrics import image_quality, lpips, relative_error
 
     quality: dict[str, Any] = image_quality(q_images, r_images)
+    quality["identical_images"] = bool(torch.equal(q_images, r_images))
     quality["forward_rel_error"] = relative_error(q_forward, r_forward)
     quality["t5_rel_error"] = relative_error(q_t5, r_t5)
     quality["finite"] = bool(torch.isfinite(q_images).all())
@@ -497,7 +513,7 @@ def validate(
     report = ValidationReport(out, passed, checks, q_stats, r_stats, quality, settings, env, thresholds)
     if write:
         report.samples = _write_samples(out, q_images, r_images)
-        (out / VALIDATION_NAME).write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True) + "\n")
+        (out / VALIDATION_NAME).write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True, allow_nan=False) + "\n")
     return report
 
 
