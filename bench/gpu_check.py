@@ -219,8 +219,7 @@ def build_model(kind: str, work: Path, device: str) -> Path:
 
     full: the exact FLUX.1-dev transformer (11.9B params, random weights drawn on the GPU) with
     slim-flux's small text encoders and VAE. T5-XXL is left out on purpose: converting it
-    with every variant does not fit the device time of one session (its GPU figures are in
-    FACTS.md); the transformer is what the per-backend table is about.
+    with every variant does not fit the device time of one session; the transformer is what the per-backend table is about.
     """
     from make_full_size import build, write_vae
 

@@ -51,8 +51,12 @@ class State:
 
 
 def _quiet_libraries(verbose: int, *, torch: bool = True) -> None:
-    """Keep third-party chatter (torchao's optional kernels, HF warnings) off the terminal."""
+    """Keep third-party chatter (torchao's optional kernels, HF warnings, progress bars) off the
+    terminal; -vv shows it all."""
     if verbose >= 2:
+        from .validate import show_library_progress
+
+        show_library_progress(True)
         return
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
@@ -66,6 +70,17 @@ def _quiet_libraries(verbose: int, *, torch: bool = True) -> None:
     for name in ("torchao", "torch", "transformers", "diffusers", "accelerate", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
+    if torch:  # the libraries' own progress bars (loading weights, pipeline components)
+        import contextlib
+
+        with contextlib.suppress(ImportError):
+            from diffusers.utils import logging as diffusers_logging
+
+            diffusers_logging.disable_progress_bar()
+        with contextlib.suppress(ImportError):
+            from transformers.utils import logging as transformers_logging
+
+            transformers_logging.disable_progress_bar()
 
 
 def hub_token() -> str | None:
@@ -84,6 +99,26 @@ def hub_token() -> str | None:
 
 def hub_endpoint() -> str | None:
     return os.environ.get("HF_ENDPOINT") or None
+
+
+def _more_verbose(ctx: click.Context, param: click.Parameter, value: int) -> int:
+    if value:
+        ctx.ensure_object(State).verbose += value
+    return value
+
+
+def _be_quiet(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    if value:
+        ctx.ensure_object(State).quiet = True
+    return value
+
+
+def output_options(command: Any) -> Any:
+    """-v/-q after the command name too (`qconvert flux ... --dry-run -v`), as before it."""
+    command = click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=_be_quiet,
+                           help="Only errors and the final result.")(command)  # fmt: skip
+    return click.option("-v", "--verbose", count=True, expose_value=False, callback=_more_verbose,
+                        help="More output (-vv: library logs too).")(command)  # fmt: skip
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -108,6 +143,7 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
 
 
 @cli.command(epilog=FLUX_EXAMPLES)
+@output_options
 @click.option("--source", required=True, help="tiny-flux, a pipeline folder, a Hub repo id, or a BFL .safetensors file.")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) of --source/--base.")
 @click.option("--base", default=None, help="Pipeline supplying the other components for a single-file --source.")
@@ -200,7 +236,7 @@ def flux(
     from .output import check_output
 
     backend_obj = get_backend(backend, scheme, **options)
-    backend_obj.check_environment()
+    backend_obj.check_environment(device=not dry_run)  # a plan needs the library, not the GPU
     token = hub_token()
     if not dry_run:
         check_output(out.absolute(), overwrite=overwrite)
@@ -220,6 +256,10 @@ def flux(
     t0 = time.perf_counter()
     state.info(f"resolving source {source}")
     src = resolve_source(source, revision=revision, base=base, token=token, endpoint=hub_endpoint())
+    if not dry_run and not no_validate:
+        from .validate import check_loadable
+
+        check_loadable(backend, options, src.components["transformer"].config)
     if dry_run:
         plan, _ = make_plan(src, backend_obj, comps)
         if as_json:
@@ -297,6 +337,7 @@ def _push_repo_id(repo_id: str | None, namespace: str | None, out: Path, token: 
 
 
 @cli.command("validate")
+@output_options
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--reference", default=None, help="Reference source [the source recorded in qconvert.json].")
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=Path), default=None, help="Text file, one prompt per line.")
@@ -347,6 +388,8 @@ def validate_cmd(
 
         try:
             overrides["max_memory"] = parse_size(max_memory)
+            if overrides["max_memory"] <= 0:
+                raise ValueError
         except ValueError:
             raise UsageError(f"--max-memory {max_memory!r} is not a size", hint="e.g. 12GiB or 500MB") from None
     _quiet_libraries(state.verbose)
@@ -365,6 +408,7 @@ def validate_cmd(
 
 
 @cli.command("card")
+@output_options
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--base-model", default=None, help="Hub repo id of the base model [the source's repo].")
 @click.option("--license", "license_id", default=None, help="License id, e.g. apache-2.0 or other [the base model's].")
@@ -398,6 +442,7 @@ def card_cmd(
 
 
 @cli.command("push")
+@output_options
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--repo-id", required=True, help="Model repo to push to: NAMESPACE/NAME (created if missing).")
 @click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
@@ -458,6 +503,7 @@ def _summary_table(summary: dict[str, Any]) -> str:
 
 
 @cli.command("release")
+@output_options
 @click.argument("plan_file", type=click.Path(path_type=Path))
 @click.option("--only", default=None, help="Comma list of variant names to run.")
 @click.option("--matrix", "as_matrix", is_flag=True, help="Print the variants as a JSON list (CI matrix) and stop.")

@@ -132,3 +132,20 @@ def redact(text: str) -> str:
     for secret in sorted(_SECRETS, key=len, reverse=True):
         text = text.replace(secret, "***")
     return _TOKEN_RE.sub("hf_***", text)
+
+
+def transport_errors() -> tuple[type[BaseException], ...]:
+    """Exception types meaning "the Hub could not be reached" (whichever HTTP client is in use)."""
+    errs: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for mod in ("httpx2", "httpx"):
+        try:
+            errs.append(__import__(mod).TransportError)
+        except (ImportError, AttributeError):
+            pass
+    try:
+        import requests
+
+        errs += [requests.exceptions.ConnectionError, requests.exceptions.Timeout]
+    except ImportError:
+        pass
+    return tuple(errs)

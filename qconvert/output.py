@@ -48,10 +48,17 @@ def clean_stale_temporaries(out: Path) -> list[Path]:
 
 
 def check_output(out: Path, *, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise OutputExists(f"output {out} already exists", hint="pass --overwrite or choose another --out")
     if out.exists() and not out.is_dir():
         raise OutputExists(f"output {out} exists and is not a folder", hint="choose another --out")
+    if out.exists() and not overwrite:
+        raise OutputExists(f"output {out} already exists", hint="pass --overwrite or choose another --out")
+    # --overwrite replaces an earlier qconvert output (or an empty folder), never anything else:
+    # a mistyped --out must not delete someone's files
+    if out.exists() and not (out / "qconvert.json").is_file() and any(out.iterdir()):
+        raise OutputExists(
+            f"--overwrite would delete {out}, which is not a qconvert output (no qconvert.json)",
+            hint="choose another --out, or remove that folder yourself",
+        )
 
 
 def check_disk_space(out: Path, needed: int, *, margin: float = 1.1) -> None:

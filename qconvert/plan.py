@@ -23,6 +23,9 @@ CONDITIONS = {
     "1d": lambda ctx: len(ctx["shape"]) <= 1,
     "small": lambda ctx: ctx["numel"] <= 1024,
     "2d": lambda ctx: len(ctx["shape"]) == 2,
+    # torchao int4wo quantizes in groups of 128 input features and leaves other weights as
+    # they are (FLUX.1-dev's x_embedder has 64 inputs)
+    "in_features_div_128": lambda ctx: len(ctx["shape"]) == 2 and ctx["shape"][1] % 128 == 0,
 }
 
 

@@ -54,6 +54,7 @@ from .errors import (
     ValidationFailed,
     redact,
     register_secret,
+    transport_errors,
 )
 
 RETRY_STATUSES = (408, 429, 500, 502, 503, 504)
@@ -203,29 +204,13 @@ def _http_status(e: BaseException) -> int | None:
     return int(status) if isinstance(status, int) else None
 
 
-def _transport_errors() -> tuple[type[BaseException], ...]:
-    errs: list[type[BaseException]] = [ConnectionError, TimeoutError]
-    for mod in ("httpx2", "httpx"):
-        try:
-            errs.append(__import__(mod).TransportError)
-        except (ImportError, AttributeError):
-            pass
-    try:
-        import requests
-
-        errs += [requests.exceptions.ConnectionError, requests.exceptions.Timeout]
-    except ImportError:
-        pass
-    return tuple(errs)
-
-
 def _root_cause(e: BaseException) -> BaseException:
     """The HTTP or transport error behind ``e`` (huggingface_hub wraps LFS failures in RuntimeError)."""
     from huggingface_hub.errors import HfHubHTTPError
 
     seen = set()
     cur: BaseException | None = e
-    transport = _transport_errors()
+    transport = transport_errors()
     while cur is not None and id(cur) not in seen:
         seen.add(id(cur))
         if isinstance(cur, HfHubHTTPError) or isinstance(cur, transport):
@@ -258,7 +243,7 @@ def _is_retryable_commit_error(e: BaseException) -> bool:
         return False  # preupload / LFS: huggingface_hub already retried these
     if isinstance(cause, HfHubHTTPError):
         return _http_status(cause) in RETRY_STATUSES
-    return isinstance(cause, _transport_errors())
+    return isinstance(cause, transport_errors())
 
 
 def hub_error(e: BaseException, action: str, *, repo_id: str, endpoint: str | None) -> PublishError:
@@ -293,7 +278,7 @@ def hub_error(e: BaseException, action: str, *, repo_id: str, endpoint: str | No
             f"the Hub answered HTTP {status} while {action}{detail}; nothing was committed",
             hint="retry later: a re-run uploads only what is missing",
         )
-    if isinstance(cause, _transport_errors()):
+    if isinstance(cause, transport_errors()):
         where = endpoint or "the Hub"
         return PublishError(
             f"lost the connection to {where} while {action} ({type(cause).__name__}); nothing was committed",

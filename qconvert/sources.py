@@ -33,6 +33,7 @@ from .errors import (
     NotAFluxModel,
     SourceNotFound,
     UsageError,
+    transport_errors,
 )
 
 # safetensors dtype name -> bytes per element
@@ -383,6 +384,35 @@ def looks_like_repo_id(spec: str) -> bool:
     return True
 
 
+def _cached_hub_source(repo_id: str, revision: str | None) -> tuple[Path, str]:
+    """(snapshot folder, commit) of a repo in the local Hub cache.
+
+    qconvert downloads a commit by its hash, which records no branch ref: without --revision,
+    the cached snapshot of "main" is used if known, else the only one cached.
+    """
+    from huggingface_hub import constants, scan_cache_dir
+
+    missing = InputError(
+        f"{repo_id}{f'@{revision}' if revision else ''} is not in the local Hub cache and HF_HUB_OFFLINE is set",
+        hint="unset HF_HUB_OFFLINE to download it once, or pass a local pipeline folder",
+    )
+    try:
+        repos = [r for r in scan_cache_dir(constants.HF_HUB_CACHE).repos if r.repo_id == repo_id and r.repo_type == "model"]
+    except Exception:  # noqa: BLE001 - no cache folder at all (CacheNotFound) or an unreadable one
+        raise missing from None
+    revisions = [rev for r in repos for rev in r.revisions if (rev.snapshot_path / "model_index.json").is_file()]
+    wanted = revision or "main"
+    chosen = [rev for rev in revisions if rev.commit_hash == wanted or wanted in rev.refs]
+    if not chosen and revision is None and len(revisions) == 1:
+        chosen = revisions
+    if not chosen:
+        if revision is None and len(revisions) > 1:
+            raise InputError(f"{repo_id} has {len(revisions)} cached revisions and HF_HUB_OFFLINE is set",
+                             hint="pass --revision <commit>")  # fmt: skip
+        raise missing
+    return Path(chosen[0].snapshot_path), chosen[0].commit_hash
+
+
 def download_hub_source(
     repo_id: str, revision: str | None, *, token: str | None = None, endpoint: str | None = None
 ) -> tuple[Path, str]:
@@ -395,6 +425,11 @@ def download_hub_source(
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
+
+    from huggingface_hub import is_offline_mode
+
+    if is_offline_mode():  # HF_HUB_OFFLINE=1: the local Hub cache only, no request at all
+        return _cached_hub_source(repo_id, revision)
 
     api = HfApi(endpoint=endpoint, token=token)
     try:
@@ -427,8 +462,11 @@ def download_hub_source(
     except HfHubHTTPError as e:
         status = getattr(getattr(e, "response", None), "status_code", "?")
         raise InputError(f"downloading {repo_id} failed (HTTP {status})", hint="retry later") from None
-    except OSError as e:
-        raise InputError(f"downloading {repo_id} failed: {type(e).__name__}", hint="check the network or HF_ENDPOINT") from None
+    except (OSError, *transport_errors()) as e:
+        raise InputError(
+            f"cannot reach the Hub to download {repo_id} ({type(e).__name__})",
+            hint="check the network or HF_ENDPOINT; with HF_HUB_OFFLINE=1 a repo in the local cache is used",
+        ) from None
     return Path(folder), sha
 
 

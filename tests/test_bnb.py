@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("bitsandbytes")
+import bitsandbytes  # noqa: F401  (a dev dependency: a missing one fails, never skips)
+import torch
 
-from conftest import tree_hashes  # noqa: E402
+from conftest import tree_hashes
 
 SCHEMES = ("nf4", "nf4-dq", "fp4", "fp4-dq", "int8")
 FOUR_BIT = {"nf4": ("nf4", False), "nf4-dq": ("nf4", True), "fp4": ("fp4", False), "fp4-dq": ("fp4", True)}

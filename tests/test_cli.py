@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import assert_one_line_error, run_cli, tree_hashes
+from conftest import REPO_ROOT, assert_one_line_error, invoke, run_cli, tree_hashes
 
 
 def test_help_is_fast_and_imports_no_torch():
@@ -96,12 +96,15 @@ BAD = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_input_is_one_line_and_leaves_nothing(case, tmp_path, tiny_path):
+def _cuda() -> bool:
     import torch
 
-    if case == "int4 on cpu" and torch.cuda.is_available():
-        pytest.skip("CUDA present")
+    return torch.cuda.is_available()
+
+
+# "int4 on cpu" is a bad input only where there is no CUDA (tests/test_torchao.py covers both)
+@pytest.mark.parametrize("case", sorted(c for c in BAD if not (c == "int4 on cpu" and _cuda())))
+def test_bad_input_is_one_line_and_leaves_nothing(case, tmp_path, tiny_path):
     make, code, text = BAD[case]
     args = ["flux", "--backend", "torchao", "--scheme", "int8wo", "--out", str(tmp_path / "out")]
     extra = make(tmp_path, tiny_path)
@@ -115,3 +118,23 @@ def test_bad_input_is_one_line_and_leaves_nothing(case, tmp_path, tiny_path):
 def test_unknown_backend_is_a_usage_error(tmp_path):
     proc = run_cli("flux", "--source", "tiny-flux", "--backend", "onnx", "--scheme", "x", "--out", str(tmp_path / "o"))
     assert_one_line_error(proc, code=2, contains="backend")
+
+
+def test_readme_dry_run_example_runs_as_written():
+    """`-v` after the command, as the README and `flux --help` show it."""
+    line = next(li for li in (REPO_ROOT / "README.md").read_text().splitlines() if "--dry-run -v" in li)
+    args = line.split("#")[0].split()
+    assert args[0] == "qconvert"
+    proc = invoke(*args[1:])
+    assert proc.returncode == 0, proc.stderr
+    assert "proj_out.weight" in proc.stdout  # per-tensor lines: -v took effect
+    quiet = invoke(*args[1:-1], "-q")
+    assert quiet.returncode == 0 and "resolving source" not in quiet.stderr
+
+
+def test_dry_run_plans_int4wo_without_a_gpu():
+    """A plan reads headers only: it needs the library, not the GPU the conversion needs."""
+    proc = invoke("flux", "--source", "slim-flux", "--backend", "torchao", "--scheme", "int4wo", "--dry-run", "-v")
+    assert proc.returncode == 0, proc.stderr
+    assert "x_embedder.weight [3072, 64] BF16 keep" in proc.stdout
+    assert "proj_out.weight [64, 3072] BF16 quantize -> int4wo" in proc.stdout

@@ -206,6 +206,7 @@ LATE_OPTION_CASES = {
     "missing thresholds file": (["--thresholds", "missing.toml"], 2, "thresholds"),
     "push without a token": (["--push", "--repo-id", "acme/x"], 5, "no Hub token"),
     "push to a malformed repo id": (["--push", "--repo-id", "acme/bad..name"], 2, "repo id"),
+    "BFL-layout GGUF diffusers cannot load": (["--backend", "gguf", "--scheme", "Q8_0"], 3, "width 3072"),
 }
 
 
@@ -229,6 +230,11 @@ def test_existing_out_is_refused_and_untouched(tmp_path):
     (out / "keep.txt").write_text("mine")
     proc = run_cli("flux", "--source", "tiny-flux", "--backend", "torchao", "--scheme", "int8wo", "--out", str(out))
     assert_one_line_error(proc, code=2, contains="--overwrite")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    # --overwrite replaces only a qconvert output: a mistyped --out never deletes someone's files
+    proc = invoke("flux", "--source", "tiny-flux", "--backend", "torchao", "--scheme", "int8wo", "--out", str(out),
+                  "--overwrite", "--no-validate")
+    assert_one_line_error(proc, code=2, contains="not a qconvert output")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 

@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 
+from conftest import assert_one_line_error, run_cli
 from qconvert import errors
 from qconvert.sources import TensorReader, read_safetensors_header, resolve_source
 
@@ -58,6 +59,20 @@ def test_hub_source_downloads_only_pipeline_files(hub, hub_env, tiny_path, tmp_p
     assert not (src.root / "flux1-tiny.safetensors").exists()
     assert (src.root / "LICENSE.md").exists()
     assert set(src.components["transformer"].tensors) == set(resolve_source("tiny-flux").components["transformer"].tensors)
+
+    # offline (HF_HUB_OFFLINE=1): the cached snapshot resolves to the same commit, no request made
+    from huggingface_hub import constants
+
+    requests = hub.count_requests()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(constants, "HF_HUB_OFFLINE", True)
+        assert resolve_source("acme/tiny-flux", token=hub.token, endpoint=hub.endpoint).identity == src.identity
+        with pytest.raises(errors.InputError, match="not in the local Hub cache and HF_HUB_OFFLINE"):
+            resolve_source("acme/never-downloaded", token=hub.token, endpoint=hub.endpoint)
+    assert hub.count_requests() == requests
+    proc = run_cli("flux", "--source", "acme/never-downloaded", "--backend", "torchao", "--scheme", "int8wo",
+                   "--dry-run", env={"HF_HUB_OFFLINE": "1"})
+    assert_one_line_error(proc, code=3, contains="HF_HUB_OFFLINE")
 
 
 def test_hub_missing_repo_is_a_clear_error(hub, hub_env):
@@ -115,3 +130,9 @@ def test_lora_file_is_named(tmp_path):
     save_file({"lora_unet_x.lora_down.weight": torch.zeros(2, 2)}, str(tmp_path / "l.safetensors"))
     with pytest.raises(errors.NotAFluxModel, match="LoRA"):
         resolve_source(str(tmp_path / "l.safetensors"), base="tiny-flux")
+
+
+def test_unreachable_hub_is_an_input_error_naming_the_fix(tmp_path):
+    proc = run_cli("flux", "--source", "acme/tiny-flux", "--backend", "torchao", "--scheme", "int8wo", "--dry-run",
+                   env={"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path)})
+    assert_one_line_error(proc, code=3, contains="check the network or HF_ENDPOINT")

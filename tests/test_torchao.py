@@ -126,12 +126,34 @@ def test_jobs_must_be_positive(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_int4wo_needs_cuda(tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA; the CPU refusal cannot be shown here")
-    with pytest.raises(errors.DeviceError, match="CUDA"):
-        convert(resolve_source("tiny-flux"), "torchao", "int4wo", tmp_path / "x", progress=False)
-    assert not (tmp_path / "x").exists()
+def test_int4wo_policy_keeps_weights_int4_cannot_group():
+    """torchao's int4 groups 128 input features; FLUX.1-dev's x_embedder has 64 (kept as is)."""
+    from qconvert.convert.torchao import TorchAOBackend
+    from qconvert.plan import KEEP, QUANTIZE
+
+    policy = TorchAOBackend("int4wo").policy("transformer", None)
+    assert policy.decide("x_embedder.weight", (3072, 64), is_linear_weight=True).action == KEEP
+    assert policy.decide("proj_out.weight", (64, 3072), is_linear_weight=True).action == QUANTIZE
+    assert policy.decide("norm.weight", (3072,), is_linear_weight=False).action == KEEP
+    int8 = TorchAOBackend("int8wo").policy("transformer", None)
+    assert int8.decide("x_embedder.weight", (3072, 64), is_linear_weight=True).action == QUANTIZE
+
+
+def test_int4wo_needs_cuda_and_converts_on_it(tmp_path, slim_path):
+    """On CPU: refused before anything is written. On a CUDA machine: the slim (width 3072)
+    transformer converts and loads, x_embedder (64 inputs) kept, the rest int4."""
+    if not torch.cuda.is_available():
+        with pytest.raises(errors.DeviceError, match="CUDA"):
+            convert(resolve_source("tiny-flux"), "torchao", "int4wo", tmp_path / "x", progress=False)
+        assert not (tmp_path / "x").exists()
+        return
+    from diffusers import FluxTransformer2DModel
+
+    out = tmp_path / "int4"
+    convert(resolve_source(str(slim_path)), "torchao", "int4wo", out, components=("transformer",), progress=False)
+    m = FluxTransformer2DModel.from_pretrained(out / "transformer", device_map={"": "cuda"})
+    assert type(m.x_embedder.weight) in (torch.Tensor, torch.nn.Parameter)
+    assert "Int4" in type(m.proj_out.weight).__name__
 
 
 def test_sharding_splits_and_indexes(tmp_path):

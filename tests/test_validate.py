@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, invoke, run_cli
 from qconvert.convert import convert
 from qconvert.sources import resolve_source
 from qconvert.validate import raise_if_failed, validate
@@ -116,6 +116,25 @@ def test_thresholds_layering(tmp_path):
     f.write_text("[default]\nmin_psnrr = 1\n")
     with pytest.raises(Exception, match="unknown threshold"):
         load_thresholds("bnb", "nf4", file=f)
+    # nothing in a thresholds file is silently ignored or accepted with the wrong type
+    for text, message in [
+        ("min_psnr = 99\n", "is not a \\[default\\]"),
+        ("[torchao]\nmin_psnr = 99\n", "is not a \\[default\\]"),
+        ("[torchao.int9]\nmin_psnr = 99\n", "is not a \\[default\\]"),
+        ('[default]\nmin_psnr = "x"\n', "must be a non-negative number"),
+        ('[default]\nmax_memory = "lots"\n', "is not a size"),
+    ]:
+        f.write_text(text)
+        with pytest.raises(Exception, match=message):
+            load_thresholds("bnb", "nf4", file=f)
+
+
+@pytest.mark.parametrize("args, text", [(["--steps", "0"], "--steps must be at least 2"),
+                                        (["--size", "0"], "--size must be a multiple of 16"),
+                                        (["--size", "100"], "--size must be a multiple of 16"),
+                                        (["--max-memory", "-1GiB"], "not a size")])
+def test_out_of_range_settings_are_refused(int8_out, args, text):
+    assert_one_line_error(invoke("validate", str(int8_out), *args), code=2, contains=text)
 
 
 def test_validate_rejects_a_folder_without_manifest(tmp_path):
@@ -141,3 +160,24 @@ def test_identical_images_give_valid_json(tmp_path):
     data = json.loads(text)
     assert data["quality"]["psnr"] is None and data["quality"]["identical_images"]
     assert data["checks"][0]["value"] is None and data["checks"][0]["passed"]
+
+
+def test_single_file_reference_without_a_base_names_the_fix(int8_out, tmp_path):
+    f = tmp_path / "flux1.safetensors"
+    f.write_bytes(b"")
+    proc = run_cli("validate", str(int8_out), "--reference", str(f))
+    assert_one_line_error(proc, code=2, contains="pass a pipeline folder or Hub repo id as --reference")
+
+
+@pytest.mark.slow
+def test_a_bfl_file_of_any_width_validates(tmp_path, tiny_path):
+    """diffusers' BFL converter needs width 3072; the reference of a narrower BFL file is read
+    through qconvert's own mapping, so its conversion validates instead of crashing."""
+    from conftest import export_bfl
+
+    f = export_bfl(tiny_path / "transformer", tmp_path / "flux1-tiny.safetensors")
+    out = tmp_path / "out"
+    convert(resolve_source(str(f), base="tiny-flux"), "torchao", "int8wo", out, progress=False)
+    report = validate(out, write=False)
+    assert report.passed, report.table()
+    assert report.quality["forward_rel_error"] < 0.05  # the reference holds the file's weights

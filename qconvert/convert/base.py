@@ -135,8 +135,9 @@ class Backend:
 
     # --- environment -----------------------------------------------------------------------
 
-    def check_environment(self) -> None:
-        """Raise if the backend's library (or a device the scheme needs) is missing."""
+    def check_environment(self, *, device: bool = True) -> None:
+        """Raise if the backend's library (or, unless ``device=False``: only planning, a device
+        the scheme needs) is missing."""
         if self.package and importlib.util.find_spec(self.package) is None:
             raise MissingDependency(self.package, self.extra or self.name)
 

@@ -57,7 +57,8 @@ CPU-only machine diffusers refuses bnb models; qconvert's own validation uses
 :func:`qconvert.convert.bnb_cpu.allow_bnb_on_cpu`.
 
 Quantized bytes from bitsandbytes' CPU kernels equal its CUDA kernels for nf4 from 16-bit
-sources; fp4, double-quant statistics and int8 can differ in a few values (see FACTS.md).
+sources; fp4, double-quant statistics and int8 can differ in a few values (measured on an H200: dequantization error
+ratio qconvert/CUDA 1.0000, ``bench/gpu_check_h200.json``).
 """
 
 from __future__ import annotations

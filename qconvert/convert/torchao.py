@@ -17,7 +17,7 @@ import json
 from typing import Any, ClassVar
 
 from ..errors import DeviceError
-from ..plan import QUANTIZE, Policy, Rule, TensorPlan
+from ..plan import KEEP, QUANTIZE, Policy, Rule, TensorPlan
 from ..sources import DTYPE_SIZES, Component, SourceTensor
 from .base import Backend, ModelFacts
 
@@ -46,9 +46,9 @@ class TorchAOBackend(Backend):
         self._metadata: dict[str, str] = {}
         self._names: list[str] = []
 
-    def check_environment(self) -> None:
-        super().check_environment()
-        if self.scheme == "int4wo":
+    def check_environment(self, *, device: bool = True) -> None:
+        super().check_environment(device=device)
+        if self.scheme == "int4wo" and device:
             import torch
 
             if not torch.cuda.is_available():
@@ -63,6 +63,12 @@ class TorchAOBackend(Backend):
         return getattr(q, _CONFIGS[self.scheme])()
 
     def policy(self, component: str, facts: ModelFacts) -> Policy:
+        if self.scheme == "int4wo":
+            return Policy((
+                Rule(r"\.weight$", QUANTIZE, self.scheme, when=("linear", "in_features_div_128")),
+                Rule(r"\.weight$", KEEP, when=("linear",),
+                     reason="input features not a multiple of int4wo's group size 128 (torchao keeps it)"),
+            ))  # fmt: skip
         return Policy((Rule(r"\.weight$", QUANTIZE, self.scheme, when=("linear",)),))
 
     def estimate_bytes(self, rule: Rule, tensor: SourceTensor) -> int:
@@ -105,6 +111,8 @@ class TorchAOBackend(Backend):
         if self.scheme == "int4wo":
             linear.to("cuda")
         quantize_(linear, self._config)
+        if type(linear.weight) in (torch.Tensor, torch.nn.Parameter):  # the policy should have kept it
+            raise RuntimeError(f"torchao left {plan.name} {tuple(tensor.shape)} unquantized under {self.scheme}")
         flat, metadata = flatten_tensor_state_dict({plan.name: linear.weight})
         self._metadata[plan.name] = metadata[plan.name]
         # quantize_ leaves a reference cycle through the module; break it so the quantized

@@ -60,9 +60,18 @@ class Check:
     def line(self) -> str:
         if self.value is None and self.note:  # could not be measured: say why
             return f"{self.name}: {self.note}"
-        v = "n/a" if self.value is None else f"{self.value:.4g}"
-        lim = "" if self.limit is None else f" {self.op} {self.limit:.4g}"
+        v = "n/a" if self.value is None else self._fmt(self.value)
+        lim = "" if self.limit is None else f" (needs {self.op} {self._fmt(self.limit)})"
         return f"{self.name}: {v}{lim}"
+
+    def _fmt(self, x: float) -> str:
+        if self.name == "max_memory":
+            from ..plan import human_bytes
+
+            return human_bytes(x)
+        if self.name == "max_step_time":
+            return f"{x:.4g} s"
+        return f"{x:.4g}"
 
 
 def _json_safe(value: Any) -> Any:
@@ -144,9 +153,19 @@ def reference_source(manifest: dict[str, Any], spec: str | None, *, token: str |
     """The source the output was converted from (or ``spec``), resolved again."""
     from ..sources import resolve_source
 
+    ident = manifest["source"]
+    if spec and spec.lower().endswith(".safetensors"):
+        # a single transformer file needs a base pipeline: the one the output was converted with
+        base = ident.get("base") if ident.get("kind") == "bfl" else None
+        if not base:
+            raise UsageError(
+                f"--reference {spec} is a single file, and the output was not converted from one with a base pipeline",
+                hint="pass a pipeline folder or Hub repo id as --reference",
+            )
+        base_spec = base.get("name") or base.get("path") or base.get("repo_id")
+        return resolve_source(spec, base=base_spec, revision=base.get("revision"), token=token, endpoint=endpoint)
     if spec:
         return resolve_source(spec, token=token, endpoint=endpoint)
-    ident = manifest["source"]
     kind = ident.get("kind")
     if kind == "builtin":
         return resolve_source(ident["name"])
@@ -179,6 +198,16 @@ def _bnb_cpu_if_needed(manifest: dict[str, Any], device: str) -> Any:
         yield
 
 
+def check_loadable(backend: str, options: dict[str, Any], transformer_config: dict[str, Any]) -> None:
+    """Raise if diffusers cannot load this output for validation (checked before converting too)."""
+    width = int(transformer_config.get("num_attention_heads", 0)) * int(transformer_config.get("attention_head_dim", 0))
+    if backend == "gguf" and (options.get("layout") or "bfl") == "bfl" and width != 3072:
+        raise InputError(
+            f"diffusers loads BFL-layout GGUF files only at Flux width 3072 (this model is {width} wide)",
+            hint="convert with --layout diffusers to validate it, or pass --no-validate",
+        )
+
+
 def load_quantized(out: Path, manifest: dict[str, Any], ref_root: Path, *, dtype: Any, device: str) -> Any:
     """Load the output the way its card tells users to."""
     from diffusers import FluxPipeline
@@ -186,14 +215,8 @@ def load_quantized(out: Path, manifest: dict[str, Any], ref_root: Path, *, dtype
     if manifest.get("layout") == "gguf":
         from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
 
-        layout = manifest.get("options", {}).get("layout") or "bfl"
         tcfg = json.loads((Path(ref_root) / "transformer" / "config.json").read_text())
-        width = int(tcfg.get("num_attention_heads", 0)) * int(tcfg.get("attention_head_dim", 0))
-        if layout == "bfl" and width != 3072:
-            raise InputError(
-                f"diffusers loads BFL-layout GGUF files only at Flux width 3072 (this model is {width} wide)",
-                hint="convert with --layout diffusers to validate it, or pass --no-validate",
-            )
+        check_loadable("gguf", manifest.get("options", {}), tcfg)
         ggufs = sorted(Path(out).glob("*.gguf"))
         flux_files = [p for p in ggufs if not p.name.startswith("t5xxl-")]
         if not flux_files:
@@ -231,11 +254,32 @@ def load_reference(source: Any, *, dtype: Any, device: str) -> Any:
 
     parts = {}
     if source.kind == "bfl":
-        parts["transformer"] = FluxTransformer2DModel.from_single_file(
-            source.identity["path"], config=str(source.root), subfolder="transformer", dtype=dtype
-        )
+        comp = source.components["transformer"]
+        width = int(comp.config.get("num_attention_heads", 0)) * int(comp.config.get("attention_head_dim", 0))
+        if width == 3072:  # what a diffusers user would load
+            parts["transformer"] = FluxTransformer2DModel.from_single_file(
+                source.identity["path"], config=str(source.root), subfolder="transformer", dtype=dtype
+            )
+        else:  # diffusers' BFL converter assumes width 3072: read it through qconvert's own mapping
+            parts["transformer"] = _transformer_from_source(comp, dtype)
     pipe = FluxPipeline.from_pretrained(source.root, dtype=dtype, **parts)
     return pipe.to(device)
+
+
+def _transformer_from_source(comp: Any, dtype: Any) -> Any:
+    """The source transformer as diffusers names it (BFL files: renamed and split the way the
+    conversion reads them), loaded into a ``FluxTransformer2DModel``."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from ..sources import TensorReader
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel.from_config(comp.config)
+    with TensorReader() as reader:
+        state = {name: reader.load(t).to(dtype) for name, t in comp.tensors.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
 
 
 # --- measuring -----------------------------------------------------------------------------
@@ -319,18 +363,25 @@ def _generate(pipe: Any, prompts: list[str], *, steps: int, size: int, seed: int
     return torch.cat(images), steady[len(steady) // 2], total
 
 
+# diffusers' denoising progress bars: off unless asked for (`qconvert -vv`), like library logs
+_LIBRARY_PROGRESS = [False]
+
+
+def show_library_progress(show: bool) -> None:
+    _LIBRARY_PROGRESS[0] = show
+
+
 def _run(load: Any, prompts: list[str], *, steps: int, size: int, seed: int, device: str) -> tuple[Any, RunStats, Any]:
     import gc
 
     from .metrics import module_bytes
 
     meter = _Meter(device)
-    if not device.startswith("cuda"):
-        _warm_up_cpu_libraries()
     gc.collect()
     before = meter.current()
     t0 = time.perf_counter()
     pipe = load()
+    pipe.set_progress_bar_config(disable=not _LIBRARY_PROGRESS[0])
     meter.sync()
     stats = RunStats(load_s=time.perf_counter() - t0)
     stats.memory_after_load = max(0, meter.current() - before) if not device.startswith("cuda") else meter.current()
@@ -342,33 +393,47 @@ def _run(load: Any, prompts: list[str], *, steps: int, size: int, seed: int, dev
     return pipe, stats, images
 
 
-_WARM = False
+_WARM: set[str] = set()
+_BACKEND_MODULES = {
+    "torchao": ("torchao.quantization", "diffusers.quantizers.torchao.torchao_quantizer"),
+    "bnb": ("bitsandbytes", "diffusers.quantizers.bitsandbytes.bnb_quantizer"),
+    "gguf": ("gguf", "diffusers.quantizers.gguf.utils"),
+}
 
 
-def _warm_up_cpu_libraries() -> None:
-    """Pay the libraries' one-time costs before measuring CPU memory after load.
+def _warm_up_cpu_libraries(backend: str) -> None:
+    """Pay the libraries' one-time costs before measuring CPU memory.
 
-    On CPU that figure is the growth of the process's RSS, and the first ``from_pretrained`` in
-    a process grows it by ~14 MB on its own (tokenizers, config parsing, first model
-    construction): more than the whole tiny demo. Loading the built-in tiny pipeline once
-    (0.6 MB, a fraction of a second) moves that cost out of the measurement. CUDA's allocator
-    counters need no such step.
+    On CPU, memory is the growth of the process's RSS. Importing the backend's library on first
+    use (torchao: ~280 MB of code and kernels), the first ``from_pretrained`` (tokenizers,
+    config parsing: ~14 MB) and the first denoising step would all be counted against the
+    quantized pipeline, which is measured first, and they dwarf the tiny demo. Importing the
+    library and loading + running the built-in tiny pipeline once (0.6 MB, a fraction of a
+    second) moves them out of the measurement. CUDA's allocator counters need no such step.
     """
-    global _WARM
-    if _WARM:
-        return
     import gc
+    import importlib
 
     import torch
     from diffusers import FluxPipeline
 
     from ..tiny import builtin_path
 
-    _WARM = True
+    if backend not in _WARM:
+        _WARM.add(backend)
+        for module in _BACKEND_MODULES.get(backend, ()):
+            with contextlib.suppress(ImportError):
+                importlib.import_module(module)
+    if "pipeline" in _WARM:
+        return
+    _WARM.add("pipeline")
     try:
         pipe = FluxPipeline.from_pretrained(builtin_path("tiny-flux"), dtype=torch.float32)
     except OSError:  # no writable cache to build it in: measure without the warm-up
         return
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        pipe("warm-up", num_inference_steps=2, height=32, width=32, max_sequence_length=16, output_type="pt")
     del pipe
     gc.collect()
 
@@ -425,10 +490,12 @@ def validate(
     manifest = read_manifest(out)
     dev = pick_device(device)
     on_gpu = dev.startswith("cuda")
-    steps = steps or 4
-    size = size or (1024 if on_gpu else 32)
+    steps = 4 if steps is None else steps
+    size = (1024 if on_gpu else 32) if size is None else size
     if steps < 2:
-        raise UsageError("--steps must be at least 2 (the first step is excluded from timing)")
+        raise UsageError(f"--steps must be at least 2, not {steps}", hint="the first step is excluded from timing: e.g. --steps 4")
+    if size < 16 or size % 16:
+        raise UsageError(f"--size must be a multiple of 16 of at least 16, not {size}", hint="e.g. --size 1024 (Flux: VAE 8 x patch 2)")
     prompts = list(prompts or DEFAULT_PROMPTS)
     thresholds = load_thresholds(manifest["backend"], manifest["scheme"], file=thresholds_file, overrides=overrides)
 
@@ -437,6 +504,8 @@ def validate(
     src = reference_source(manifest, reference, token=token, endpoint=endpoint)
     dtype = source_dtype(src)
 
+    if not on_gpu:
+        _warm_up_cpu_libraries(manifest["backend"])
     q_pipe, q_stats, q_images = _run(
         lambda: load_quantized(out, manifest, src.root, dtype=dtype, device=dev),
         prompts, steps=steps, size=size, seed=seed, device=dev,
@@ -577,4 +646,8 @@ def raise_if_failed(report: ValidationReport) -> None:
     if failed:
         c = failed[0]
         more = f" (+{len(failed) - 1} more)" if len(failed) > 1 else ""
-        raise ValidationFailed(f"validation failed: {c.line()}{more}", hint=f"see {report.out / VALIDATION_NAME}")
+        raise ValidationFailed(
+            f"validation failed: {c.line()}{more}",
+            hint=f"see {report.out / VALIDATION_NAME}; the output is kept for inspection (re-run with --overwrite); "
+            "limits: --thresholds FILE or the --min-*/--max-* flags of `qconvert validate`",
+        )

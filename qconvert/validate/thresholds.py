@@ -35,15 +35,38 @@ _KEYS = {f.name for f in fields(Thresholds)}
 
 def _apply(t: Thresholds, table: dict[str, Any], where: str) -> None:
     for key, value in table.items():
-        if isinstance(value, dict):
-            continue
         if key not in _KEYS:
             raise UsageError(f"unknown threshold {key!r} in {where}", hint=f"valid keys: {', '.join(sorted(_KEYS))}")
         if key == "max_memory" and isinstance(value, str):
             from ..convert.writers import parse_size
 
-            value = parse_size(value)
+            try:
+                value = parse_size(value)
+            except ValueError:
+                raise UsageError(f"max_memory {value!r} in {where} is not a size", hint="e.g. \"12GiB\"") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value < 0:
+            raise UsageError(f"threshold {key} in {where} must be a non-negative number, not {value!r}")
         setattr(t, key, value)
+
+
+def _tables(data: dict[str, Any], backend: str, scheme: str, where: str) -> list[tuple[dict[str, Any], str]]:
+    """The [default] and [backend.scheme] tables of a thresholds file; anything else is an error
+    (a key at the top or under [backend] alone would otherwise be silently ignored)."""
+    from ..convert import SCHEMES
+
+    for key, value in data.items():
+        if key == "default" and isinstance(value, dict):
+            continue
+        if key in SCHEMES and isinstance(value, dict) and all(
+            isinstance(v, dict) and k in SCHEMES[key] for k, v in value.items()
+        ):
+            continue
+        raise UsageError(
+            f"{where}: {key!r} is not a [default] or [<backend>.<scheme>] table",
+            hint="e.g. [default] min_psnr = 20, or [bnb.nf4] max_forward_rel_error = 0.3",
+        )
+    return [(data.get("default", {}), f"{where} [default]"),
+            (data.get(backend, {}).get(scheme, {}), f"{where} [{backend}.{scheme}]")]  # fmt: skip
 
 
 def load_thresholds(
@@ -57,7 +80,7 @@ def load_thresholds(
         except (OSError, tomllib.TOMLDecodeError) as e:
             raise UsageError(f"cannot read thresholds file {file}: {e}") from None
     for where, data in tables:
-        _apply(t, data.get("default", {}), where)
-        _apply(t, data.get(backend, {}).get(scheme, {}), where)
-    _apply(t, {k: v for k, v in (overrides or {}).items() if v is not None}, "the overrides")
+        for table, label in _tables(data, backend, scheme, where):
+            _apply(t, table, label)
+    _apply(t, {k: v for k, v in (overrides or {}).items() if v is not None}, "the command line")
     return t
