@@ -522,7 +522,8 @@ def release_cmd(state: State, plan_file: Path, only: str | None, as_matrix: bool
       qconvert release releases/flux1-dev.toml --only nf4,Q4_K_S --push
       qconvert release releases/flux1-dev.toml --matrix      # for a CI matrix
     Re-running continues where an interrupted run stopped; variants already on the Hub
-    with the same source revision and qconvert version are skipped. Exits 4 if any failed.
+    with the same source revision and qconvert version are skipped. A failed variant
+    does not stop the others; the exit code is the first failure's (4 validation, 5 push).
     """
     from .release import load_plan, matrix, run_release, summary_table
 
@@ -543,9 +544,11 @@ def release_cmd(state: State, plan_file: Path, only: str | None, as_matrix: bool
         click.echo(summary_table(results))
     failed = [r for r in results if r.status == "failed"]
     if failed:
-        from .errors import ValidationFailed
+        from .errors import QConvertError
 
-        raise ValidationFailed(f"{len(failed)} of {len(results)} variants failed (first: {failed[0].name}: {failed[0].detail})")
+        error = QConvertError(f"{len(failed)} of {len(results)} variants failed (first: {failed[0].name}: {failed[0].detail})")
+        error.exit_code = failed[0].exit_code or 1  # the first failure's own code: 4 validation, 5 push, ...
+        raise error
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -264,4 +264,4 @@ def guess_architecture(keys: list[str]) -> str:
         return "a CLIP text encoder"
     if any(k.startswith("encoder.down_blocks") or k.startswith("decoder.up_blocks") for k in ks):
         return "a VAE"
-    return "not a Flux transformer"
+    return "an unrecognized model"

@@ -222,6 +222,7 @@ class VariantResult:
     detail: str = ""
     seconds: float = 0.0
     commit: str | None = None
+    exit_code: int = 0  # a failed variant's: 4 validation, 5 publishing, 3 input, ...
 
 
 def _load_state(workdir: Path) -> dict[str, Any]:
@@ -288,14 +289,15 @@ def run_release(
 
     variants = plan.select(only)
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    state = _load_state(workdir)
     results: list[VariantResult] = []
-    if dry_run:
+    if dry_run:  # writes nothing, not even the work folder
+        todo = "convert, validate, card" + (", push" if push else "")
         for v in variants:
             results.append(VariantResult(v.name, v.repo_id, "dry-run",
-                                         f"{v.backend} {v.scheme} {','.join(v.components)} -> {v.repo_id}"))  # fmt: skip
+                                         f"would {todo}: {v.backend} {v.scheme} of {','.join(v.components)}"))  # fmt: skip
         return results
+    workdir.mkdir(parents=True, exist_ok=True)
+    state = _load_state(workdir)
     source = resolve_source(plan.source, revision=plan.revision, base=plan.base, token=token, endpoint=endpoint)
     for v in variants:
         t0 = time.perf_counter()
@@ -344,7 +346,8 @@ def run_release(
         except QConvertError as e:
             state[v.name] = {"fingerprint": key, "status": "failed", "error": e.one_line()}
             _save_state(workdir, state)
-            results.append(VariantResult(v.name, v.repo_id, "failed", e.one_line(), time.perf_counter() - t0))
+            results.append(VariantResult(v.name, v.repo_id, "failed", e.one_line(), time.perf_counter() - t0,
+                                         exit_code=e.exit_code))  # fmt: skip
             log(f"{v.name}: FAILED: {e.one_line()}")
     report_data = {"plan": str(plan.path), "qconvert_version": __version__, "source": source.identity,
                    "variants": [asdict(r) for r in results]}  # fmt: skip

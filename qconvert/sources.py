@@ -63,25 +63,27 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, HeaderEntry], dict[st
     """
     path = Path(path)
     size = path.stat().st_size
-    label = f"{path.parent.name}/{path.name}"
+    # component files read as "transformer/diffusion_pytorch_model.safetensors"; a file given
+    # on its own as the path the user typed
+    label = f"{path.parent.name}/{path.name}" if path.parent.name in flux.PIPELINE_COMPONENTS else str(path)
     with open(path, "rb") as fh:
         raw = fh.read(8)
         if len(raw) < 8:
-            raise CorruptCheckpoint(f"{label} is not a safetensors file (too short)", hint="re-download it")
+            raise CorruptCheckpoint(f"{label} is not a safetensors file (too short)", hint="re-download or re-export it")
         (n,) = struct.unpack("<Q", raw)
         if n <= 1 or n > _MAX_HEADER:
             raise CorruptCheckpoint(
                 f"{label} is not a valid safetensors file (bad header length)",
-                hint="re-download it",
+                hint="re-download or re-export it",
             )
         if 8 + n > size:
-            raise CorruptCheckpoint(f"{label} is truncated (its header is incomplete)", hint="re-download it")
+            raise CorruptCheckpoint(f"{label} is truncated (its header is incomplete)", hint="re-download or re-export it")
         try:
             header = json.loads(fh.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError):
-            raise CorruptCheckpoint(f"{label} has a corrupt safetensors header", hint="re-download it") from None
+            raise CorruptCheckpoint(f"{label} has a corrupt safetensors header", hint="re-download or re-export it") from None
     if not isinstance(header, dict):
-        raise CorruptCheckpoint(f"{label} has a corrupt safetensors header", hint="re-download it")
+        raise CorruptCheckpoint(f"{label} has a corrupt safetensors header", hint="re-download or re-export it")
     metadata = header.pop("__metadata__", None) or {}
     entries: dict[str, HeaderEntry] = {}
     data_len = size - 8 - n
@@ -90,23 +92,23 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, HeaderEntry], dict[st
         try:
             dtype, shape, (start, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
         except (KeyError, TypeError, ValueError):
-            raise CorruptCheckpoint(f"{label}: malformed header entry for {key}", hint="re-download it") from None
+            raise CorruptCheckpoint(f"{label}: malformed header entry for {key}", hint="re-download or re-export it") from None
         ints = (start, end, *shape)
         if not all(type(v) is int and v >= 0 for v in ints) or end < start:
-            raise CorruptCheckpoint(f"{label}: malformed offsets or shape for {key}", hint="re-download it")
+            raise CorruptCheckpoint(f"{label}: malformed offsets or shape for {key}", hint="re-download or re-export it")
         if dtype not in DTYPE_SIZES:
             raise CorruptCheckpoint(f"{label}: tensor {key} has unsupported dtype {dtype}")
         numel = 1
         for d in shape:
             numel *= d
         if end - start != numel * DTYPE_SIZES[dtype]:
-            raise CorruptCheckpoint(f"{label}: tensor {key} size does not match its shape", hint="re-download it")
+            raise CorruptCheckpoint(f"{label}: tensor {key} size does not match its shape", hint="re-download or re-export it")
         end_max = max(end_max, end)
         entries[key] = HeaderEntry(dtype, shape)
     if end_max > data_len:
         raise CorruptCheckpoint(
             f"{label} is truncated ({data_len} of {end_max} data bytes present)",
-            hint="re-download it",
+            hint="re-download or re-export it",
         )
     return entries, metadata
 
@@ -527,7 +529,8 @@ def _bfl_source(
     keys = list(entries)
     if not flux.looks_like_bfl_flux(keys):
         raise NotAFluxModel(
-            f"{path.name} is {flux.guess_architecture(keys)}, not a Black Forest Labs Flux transformer"
+            f"{path.name} is {flux.guess_architecture(keys)}, not a Black Forest Labs Flux transformer",
+            hint="pass a Flux transformer .safetensors (e.g. flux1-dev.safetensors) with --base, or a Flux pipeline",
         )
     if not base:
         raise UsageError(

@@ -59,6 +59,25 @@ def test_matrix_and_repo_names():
     assert m[0]["repo_id"] == "acme/tiny-flux-int8wo"
 
 
+def test_dry_run_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    proc = invoke("release", str(REPO_ROOT / "releases" / "tiny-demo.toml"), "--dry-run", "--push")
+    assert proc.returncode == 0, proc.stderr
+    assert "would convert, validate, card, push: torchao int8wo" in proc.stdout
+    assert list(tmp_path.iterdir()) == []  # not even the default work folder
+
+
+def test_a_failed_variant_does_not_stop_the_others_and_sets_the_exit_code(tmp_path):
+    plan = tmp_path / "plan.toml"
+    plan.write_text(GOOD.replace('scheme = "int8wo"', 'scheme = "int8wo"\nthresholds = { min_psnr = 1000 }')
+                    + '\n[[variant]]\nname = "b"\nbackend = "torchao"\nscheme = "fp8wo"\n')  # fmt: skip
+    proc = run_cli("-q", "release", str(plan), "--workdir", str(tmp_path / "work"), "--json")
+    line = assert_one_line_error(proc, code=4, contains="1 of 2 variants failed (first: a: validation failed: psnr")
+    rows = {r["name"]: r for r in json.loads(proc.stdout)}
+    assert rows["a"]["status"] == "failed" and rows["a"]["exit_code"] == 4 and rows["b"]["status"] == "done"
+    assert "needs >= 1000" in line
+
+
 def _release(plan, workdir, hub, *extra, env_extra=None):
     env = {"HF_ENDPOINT": hub.endpoint, "HF_TOKEN": hub.token, "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0"}
     env.update(env_extra or {})
@@ -67,7 +86,7 @@ def _release(plan, workdir, hub, *extra, env_extra=None):
 
 @pytest.mark.slow
 def test_three_variants_resume_after_kill_and_push_nothing_twice(hub, hub_env, tmp_path):
-    plan_text = (REPO_ROOT / "releases" / "tiny-demo.toml").read_text().replace("acme", "acme").replace(
+    plan_text = (REPO_ROOT / "releases" / "tiny-demo.toml").read_text().replace(
         'repo_pattern = "tiny-flux-{name}"', 'repo_pattern = "rel-{name}"'
     )
     plan = tmp_path / "tiny.toml"
