@@ -200,10 +200,14 @@ def flux(
     source) unless --no-validate; a failed validation exits 4.
     """
     from .convert import SCHEMES, parse_components
+    from .errors import UsageError
 
+    push_only = {"--namespace": namespace, "--repo-id": repo_id, "--collection": collection,
+                 "--private": private or None, "--license": license_}  # fmt: skip
+    stray = [flag for flag, value in push_only.items() if value is not None]
+    if stray and not do_push:
+        raise UsageError(f"{stray[0]} only applies with --push", hint=f"add --push, or drop {stray[0]}")
     if scheme not in SCHEMES[backend]:
-        from .errors import UsageError
-
         raise UsageError(
             f"unknown {backend} scheme {scheme!r}", hint=f"choose one of: {', '.join(SCHEMES[backend])}"
         )
@@ -215,8 +219,6 @@ def flux(
             if parse_size(max_shard_size) <= 0:
                 raise ValueError
         except ValueError:
-            from .errors import UsageError
-
             raise UsageError(f"--max-shard-size {max_shard_size!r} is not a size", hint="e.g. 5GB or 500MB") from None
     options: dict[str, Any] = {
         "compute_dtype": compute_dtype,

@@ -144,6 +144,13 @@ class Plan:
                 f"{c.name:<16}{c.action:<10}{len(c.tensors):>8}{c.quantized_count:>7}"
                 f"{human_bytes(c.bytes_in):>12}{human_bytes(c.bytes_out):>12}"
             )
+            targets: dict[str, int] = {}
+            for t in c.tensors:
+                if t.action == QUANTIZE and t.target:
+                    targets[t.target] = targets.get(t.target, 0) + 1
+            if targets and set(targets) != {self.scheme}:  # mixes and fallbacks (K-quants on short rows)
+                mix = ", ".join(f"{k} x{n}" for k, n in sorted(targets.items(), key=lambda kv: (-kv[1], kv[0])))
+                lines.append(f"    quantized as: {mix}")
             if verbose:
                 for t in c.tensors:
                     tgt = f" -> {t.target}" if t.target else ""

@@ -484,12 +484,17 @@ def resolve_source(
     """Turn ``--source`` (and ``--base``/``--revision``) into a :class:`Source`."""
     from . import tiny
 
+    path = Path(spec).expanduser()
+    is_single_file = path.is_file()
+    if base and not is_single_file:
+        raise UsageError(f"--base is for a single-file --source; {spec} is a whole pipeline", hint="drop --base")
+    if revision and not (looks_like_repo_id(spec) and not path.exists()) and not (is_single_file and base):
+        raise UsageError(f"--revision applies to a Hub repo id; {spec} is not one", hint="drop --revision")
     if spec in tiny.BUILTIN_SOURCES:
         root = tiny.builtin_path(spec)
         identity = {"kind": "builtin", "name": spec, "builder_version": tiny.BUILDER_VERSION}
         return load_pipeline_folder(root, spec=spec, kind="builtin", identity=identity)
 
-    path = Path(spec).expanduser()
     if path.exists():
         if path.is_dir():
             identity = {

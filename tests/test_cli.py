@@ -138,3 +138,12 @@ def test_dry_run_plans_int4wo_without_a_gpu():
     assert proc.returncode == 0, proc.stderr
     assert "x_embedder.weight [3072, 64] BF16 keep" in proc.stdout
     assert "proj_out.weight [64, 3072] BF16 quantize -> int4wo" in proc.stdout
+
+
+def test_dry_run_shows_k_quant_fallbacks():
+    """tiny-flux's rows are shorter than a K-quant block (256): the plan says what they become."""
+    proc = invoke("flux", "--source", "tiny-flux", "--backend", "gguf", "--scheme", "Q4_K_S", "--layout", "diffusers", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "quantized as: Q5_0 x" in proc.stdout
+    plain = invoke("flux", "--source", "tiny-flux", "--backend", "torchao", "--scheme", "int8wo", "--dry-run")
+    assert "quantized as" not in plain.stdout  # one type, the scheme's own

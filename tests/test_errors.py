@@ -170,6 +170,10 @@ OPTION_CASES = {
     "infinite shard size": (["--max-shard-size", "infGB"], 2, "shard"),
     "option the backend does not read": (["--layout", "bfl"], 2, "does not take 'layout'"),
     "shards for gguf": (["--backend", "gguf", "--scheme", "Q8_0", "--max-shard-size", "5GB"], 2, "max_shard_size"),
+    "empty component list": (["--components", ""], 2, "components"),
+    "push option without --push": (["--repo-id", "acme/x"], 2, "only applies with --push"),
+    "revision of a local source": (["--revision", "main"], 2, "--revision applies to a Hub repo id"),
+    "base for a pipeline source": (["--base", "tiny-flux"], 2, "--base is for a single-file --source"),
     "bfl without base": (None, 2, "--base"),
 }
 

@@ -78,7 +78,7 @@ def get_backend(name: str, scheme: str, **options: Any) -> Any:
 
 
 def parse_components(text: str | None) -> tuple[str, ...]:
-    if not text:
+    if text is None:
         return flux.QUANTIZABLE
     names = tuple(dict.fromkeys(c.strip() for c in text.split(",") if c.strip()))
     bad = [c for c in names if c not in flux.QUANTIZABLE]
