@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -170,3 +171,25 @@ def test_sharding_splits_and_indexes(tmp_path):
     for shard in shards:
         with safe_open(str(out / "transformer" / shard), "pt") as f:
             assert "tensor_names" in f.metadata()  # full metadata in every shard
+
+
+@pytest.mark.parametrize("scheme", ["int8wo", "fp8wo", "int8dq"])
+def test_plan_predicts_the_written_tensor_bytes(scheme, tiny_path, tmp_path):
+    """--dry-run's sizes are the bytes written, for a bf16 source too (scales are float32)."""
+    from safetensors.torch import load_file, save_file
+
+    from qconvert.convert import get_backend, make_plan
+
+    src_dir = tmp_path / "bf16"
+    shutil.copytree(tiny_path, src_dir)
+    f = src_dir / "transformer" / "diffusion_pytorch_model.safetensors"
+    save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(f)).items()}, str(f))
+    src = resolve_source(str(src_dir))
+    plan, _ = make_plan(src, get_backend("torchao", scheme), ("transformer",))
+    out = tmp_path / "out"
+    convert(src, "torchao", scheme, out, components=("transformer",), progress=False)
+    written = 0
+    for shard in (out / "transformer").glob("*.safetensors"):
+        with safe_open(str(shard), "pt") as h:
+            written += sum(h.get_tensor(k).numel() * h.get_tensor(k).element_size() for k in h.keys())
+    assert plan.component("transformer").bytes_out == written

@@ -75,11 +75,11 @@ class TorchAOBackend(Backend):
         if rule.action != QUANTIZE:
             return super().estimate_bytes(rule, tensor)
         out_features, in_features = tensor.shape
-        scale = out_features * DTYPE_SIZES[tensor.dtype]
         if self.scheme == "int4wo":
             return tensor.numel // 2 + 2 * (tensor.numel // 128) * 2
-        extra = out_features * 1 if self.scheme == "int8wo" else 0  # int8 zero points
-        return tensor.numel + scale + extra
+        scale = out_features * 4  # per-row float32 scales, whatever the source dtype
+        zero_points = out_features if self.scheme in ("int8wo", "int8dq") else 0  # int8, one per row
+        return tensor.numel + scale + zero_points
 
     def chunk_rows(self, plan: TensorPlan) -> int | None:
         # Per-row schemes: rows quantize independently, so chunks give identical bytes.
