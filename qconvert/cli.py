@@ -130,19 +130,12 @@ def output_options(command: Any) -> Any:
 def cli(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
     """Turn a Flux text-to-image checkpoint into pre-quantized checkpoints.
 
-    \b
-    Commands:
-      flux      convert a Flux pipeline (bnb, torchao or GGUF)
-      validate  load a converted output as a user would, generate, compare
-      card      write the model card (README.md) of an output
-      push      publish an output to the Hub in one commit
-      release   run a release plan (many variants), resumable
     Run `qconvert COMMAND --help` for examples.
     """
     ctx.obj = State(verbose, quiet, debug)
 
 
-@cli.command(epilog=FLUX_EXAMPLES)
+@cli.command(epilog=FLUX_EXAMPLES, short_help="Convert a Flux pipeline (bnb, torchao or GGUF).")
 @output_options
 @click.option("--source", required=True, help="tiny-flux, a pipeline folder, a Hub repo id, or a BFL .safetensors file.")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) of --source/--base.")
@@ -338,7 +331,7 @@ def _push_repo_id(repo_id: str | None, namespace: str | None, out: Path, token: 
     return f"{namespace}/{Path(str(out)).name}"
 
 
-@cli.command("validate")
+@cli.command("validate", short_help="Load an output as a user would, generate, compare with the source.")
 @output_options
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--reference", default=None, help="Reference source [the source recorded in qconvert.json].")
@@ -409,7 +402,7 @@ def validate_cmd(
     raise_if_failed(report)
 
 
-@cli.command("card")
+@cli.command("card", short_help="Write the model card (README.md) of an output.")
 @output_options
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--base-model", default=None, help="Hub repo id of the base model [the source's repo].")
@@ -443,7 +436,7 @@ def card_cmd(
     click.echo(str(path))
 
 
-@cli.command("push")
+@cli.command("push", short_help="Publish an output to the Hub in one commit.")
 @output_options
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--repo-id", required=True, help="Model repo to push to: NAMESPACE/NAME (created if missing).")
@@ -504,7 +497,7 @@ def _summary_table(summary: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-@cli.command("release")
+@cli.command("release", short_help="Run a release plan (many variants), resumable.")
 @output_options
 @click.argument("plan_file", type=click.Path(path_type=Path))
 @click.option("--only", default=None, help="Comma list of variant names to run.")
@@ -563,6 +556,9 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Abort:
         click.echo("error: interrupted", err=True)
         return EXIT_INTERRUPTED
+    except click.exceptions.NoArgsIsHelpError as e:  # bare `qconvert`: the help, not an error
+        click.echo(e.ctx.get_help() if e.ctx else str(e))
+        return 0
     except click.ClickException as e:
         click.echo(f"error: {redact(e.format_message())}", err=True)
         return EXIT_USAGE if isinstance(e, click.UsageError) else e.exit_code

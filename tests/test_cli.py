@@ -16,7 +16,7 @@ def test_help_is_fast_and_imports_no_torch():
     code = (
         "import sys\n"
         "from qconvert.cli import main\n"
-        "for argv in (['--help'], ['flux', '--help']):\n"
+        "for argv in ([], ['--help'], ['flux', '--help']):\n"
         "    try:\n"
         "        main(argv)\n"
         "    except SystemExit:\n"
@@ -27,6 +27,8 @@ def test_help_is_fast_and_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "HEAVY []" in out
     assert "Examples:" in out and "qconvert flux --source tiny-flux" in out
+    # bare `qconvert` is the help (exit 0), every command listed with its full one-line summary
+    assert out.count("Convert a Flux pipeline (bnb, torchao or GGUF).") == 2 and "error:" not in out
 
 
 def test_demo_then_determinism(tmp_path, tiny_path):

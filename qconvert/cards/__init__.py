@@ -378,6 +378,11 @@ def _validation(facts: CardFacts) -> dict[str, Any] | None:
         if device.startswith("cuda")
         else " On CPU, memory is the growth of the process's resident memory (RSS), a rough measure."
     )
+    if facts.backend == "bnb" and not device.startswith("cuda"):
+        mem_note += (
+            " bitsandbytes has no official CPU support: this CPU check loaded the weights through "
+            "bitsandbytes' own CPU kernels (a validation-only shim); users load them on a CUDA GPU."
+        )
     n_prompts = len(s.get("prompts") or [])
     setup = (
         f"Measured on {device}{f' ({dev_name})' if dev_name else ''} in {s.get('dtype', '?')}: "
@@ -402,11 +407,11 @@ def _warning(facts: CardFacts) -> str:
     if not v:
         return (
             "This output was **not validated**: qconvert did not load it, generate with it and compare it with "
-            "the source before publishing. Use it with care."
+            "the source. Use it with care."
         )
     if not v.get("passed"):
         failed = ", ".join(str(x) for x in v.get("failed") or []) or "see the table"
-        return f"This output **failed validation** ({failed}) and was published anyway. Use it with care."
+        return f"This output **failed validation** ({failed}). Use it with care."
     return ""
 
 

@@ -43,6 +43,8 @@ OPTIONS: dict[str, tuple[str, ...]] = {
     "gguf": ("jobs", "layout", "pool"),  # one .gguf file per model: no shards
 }
 
+CLI_OPTIONS = frozenset({"jobs", "max_shard_size", "compute_dtype", "layout"})  # the rest: API / plans only
+
 MANIFEST_NAME = "qconvert.json"
 RUNTIME_OPTIONS = frozenset({"jobs", "pool"})
 MANIFEST_FORMAT = 1
@@ -54,9 +56,10 @@ def check_options(backend: str, options: dict[str, Any]) -> None:
     accepted = OPTIONS.get(backend, ())
     unknown = sorted(k for k, v in options.items() if v is not None and k not in accepted)
     if unknown:
+        flags = ", ".join(f"--{k.replace('_', '-')}" if k in CLI_OPTIONS else k for k in accepted)
         raise UsageError(
             f"the {backend} backend does not take {unknown[0]!r} (--{unknown[0].replace('_', '-')})",
-            hint=f"its options: {', '.join(accepted)}",
+            hint=f"its options: {flags}",
         )
 
 
