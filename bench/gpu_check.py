@@ -106,7 +106,6 @@ def _dequant_file(path_dir: Path, device: str) -> dict:
 def _dequant_module(model, device: str) -> tuple[dict, dict]:
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
-    import torch
 
     out, raw = {}, {}
     for name, m in model.named_modules():

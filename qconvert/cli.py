@@ -40,10 +40,10 @@ Schemes:
 
 
 class State:
-    def __init__(self, verbose: int = 0, quiet: bool = False, debug: bool = False) -> None:
+    # --debug is read by main() itself: it must work even when parsing the options fails
+    def __init__(self, verbose: int = 0, quiet: bool = False) -> None:
         self.verbose = verbose
         self.quiet = quiet
-        self.debug = debug
 
     def info(self, msg: str) -> None:
         if not self.quiet:
@@ -132,7 +132,7 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
 
     Run `qconvert COMMAND --help` for examples.
     """
-    ctx.obj = State(verbose, quiet, debug)
+    ctx.obj = State(verbose, quiet)
 
 
 @cli.command(epilog=FLUX_EXAMPLES, short_help="Convert a Flux pipeline (bnb, torchao or GGUF).")

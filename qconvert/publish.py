@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .output import public_file
+from .output import public_file, sha256_of
 from .errors import (
     AuthError,
     InputError,
@@ -146,12 +146,6 @@ class PushResult:
 
 def git_blob_id(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    from .output import sha256_of
-
-    return sha256_of(path)
 
 
 def local_files(out: Path) -> list[str]:
@@ -323,7 +317,7 @@ def _same(local_path: Path | None, data: bytes | None, size: int, sha256: str | 
     if lfs is not None:
         remote = lfs.get("sha256") if isinstance(lfs, dict) else getattr(lfs, "sha256", None)
         if sha256 is None:
-            sha256 = hashlib.sha256(data).hexdigest() if data is not None else _sha256(local_path)  # type: ignore[arg-type]
+            sha256 = hashlib.sha256(data).hexdigest() if data is not None else sha256_of(local_path)  # type: ignore[arg-type]
         return remote == sha256
     if sibling.blob_id is None:
         return False

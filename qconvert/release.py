@@ -338,7 +338,7 @@ def run_release(
                 log(f"{v.name}: pushing to {v.repo_id}")
                 r = push_folder(out, v.repo_id, token=token, endpoint=endpoint, private=v.private,
                                 collection=plan.collection)  # fmt: skip
-                commit = getattr(r, "commit_oid", None) or getattr(r, "commit", None)
+                commit = r.commit
             state[v.name] = {"fingerprint": key, "status": "done", "pushed": push, "commit": commit}
             _save_state(workdir, state)
             results.append(VariantResult(v.name, v.repo_id, "done", "pushed" if push else "converted + validated",

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,9 +226,6 @@ class Source:
     identity: dict[str, Any]
     model_index: dict[str, Any]
     components: dict[str, Component]
-
-    def component(self, name: str) -> Component:
-        return self.components[name]
 
 
 def _load_json(path: Path) -> dict[str, Any]:

@@ -113,7 +113,7 @@ def test_card_body_reports_conversion_and_validation(int8_out):
     from qconvert.plan import human_bytes
 
     t = manifest["components"]["transformer"]
-    assert f"| `transformer` | int8 weight-only" in text
+    assert "| `transformer` | int8 weight-only" in text
     assert human_bytes(t["bytes_in"]) in text and human_bytes(t["bytes_out"]) in text
     assert 'pip install "diffusers>=0.42.1"' in text and '"torchao==' in text
     assert "**Passed**" in text and "not validated" not in text

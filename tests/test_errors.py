@@ -127,12 +127,6 @@ def _already_quantized(tiny, tmp):
     return d
 
 
-def _bfl_wrong_base(slim_tmp_unused, tmp):  # tiny transformer exported as BFL, slim as base
-    from qconvert.tiny import builtin_path
-
-    return export_bfl(builtin_path("tiny-flux") / "transformer", tmp / "flux1-tiny.safetensors")
-
-
 # name -> (args after `flux`, or a builder returning the --source path; expected exit; text)
 FLUX_CASES = {
     "missing path": (lambda t, d: str(d / "nope"), 3, "not found"),

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ class LicenseInfo:
     license: str
     name: str | None = None
     link: str | None = None
-    origin: str = ""  # where it came from, for the card's license section
+    origin: str = ""  # where it was found ("given": --license), named in the card's license section
 
 
 @dataclass
@@ -55,7 +55,6 @@ class CardFacts:
     license: LicenseInfo
     repo_id: str | None
     command: str
-    extras: dict[str, Any] = field(default_factory=dict)
 
     @property
     def backend(self) -> str:

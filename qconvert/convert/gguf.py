@@ -303,15 +303,9 @@ K_CHUNK_BLOCKS = 4096
 
 
 def _quantize_k(x: np.ndarray, qtype: Any) -> np.ndarray:
-    from . import kquants
+    from .kquants import KQUANTS
 
-    cls = getattr(kquants, "KQUANTS", {}).get(qtype)
-    if cls is not None:
-        try:
-            return cls.quantize(x, chunk_blocks=K_CHUNK_BLOCKS)
-        except TypeError:  # an implementation without the chunk_blocks parameter
-            pass
-    return kquants.quantize_kquant(x, qtype)
+    return KQUANTS[qtype].quantize(x, chunk_blocks=K_CHUNK_BLOCKS)
 
 
 def encode_unit(
