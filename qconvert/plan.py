@@ -162,6 +162,7 @@ class Plan:
         lines.append(
             f"{'total':<34}{'':>7}{human_bytes(self.bytes_in):>12}{human_bytes(self.bytes_out):>12}"
         )
+        lines.append("sizes are tensor data; the files add headers (torchao: per-tensor metadata) and configs")
         return "\n".join(lines)
 
 

@@ -468,7 +468,7 @@ def push(
     if not looks_like_repo_id(repo_id):
         raise UsageError(f"--repo-id {repo_id!r} is not a Hub repo id", hint="use the form namespace/name")
     if collection is not None and not collection.strip():
-        raise UsageError("--collection needs a title")
+        raise UsageError("--collection needs a title", hint='e.g. --collection "FLUX.1-dev quantized"')
     manifest = read_manifest(out)
     if keep_remote_files is None:
         # GGUF repos commonly hold many quantizations side by side (one file per scheme):

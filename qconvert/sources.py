@@ -96,7 +96,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, HeaderEntry], dict[st
         if not all(type(v) is int and v >= 0 for v in ints) or end < start:
             raise CorruptCheckpoint(f"{label}: malformed offsets or shape for {key}", hint="re-download or re-export it")
         if dtype not in DTYPE_SIZES:
-            raise CorruptCheckpoint(f"{label}: tensor {key} has unsupported dtype {dtype}")
+            raise CorruptCheckpoint(f"{label}: tensor {key} has unsupported dtype {dtype}", hint="convert from a float (BF16/F16/F32) checkpoint")
         numel = 1
         for d in shape:
             numel *= d
@@ -184,7 +184,7 @@ class TensorReader:
         t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         expect = tensor.shape if rows is None else (want_hi - want_lo, *tensor.shape[1:])
         if tuple(t.shape) != tuple(expect):
-            raise CorruptCheckpoint(f"tensor {tensor.name} has shape {tuple(t.shape)}, expected {expect}")
+            raise CorruptCheckpoint(f"tensor {tensor.name} has shape {tuple(t.shape)}, expected {expect}", hint="re-download or re-export the source")
         return t
 
     def close(self) -> None:
@@ -234,7 +234,7 @@ def _load_json(path: Path) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError) as e:
         raise InputError(f"{path} is not readable JSON ({type(e).__name__})") from None
     if not isinstance(data, dict):
-        raise InputError(f"{path} is not a JSON object")
+        raise InputError(f"{path} is not a JSON object", hint="re-download the source")
     return data
 
 
@@ -301,7 +301,7 @@ def load_pipeline_folder(root: Path, *, spec: str, kind: str, identity: dict[str
     for name in flux.PIPELINE_COMPONENTS:
         entry = model_index.get(name)
         if not entry or entry[0] is None:
-            raise NotAFluxModel(f"{spec}: model_index.json has no {name} component")
+            raise NotAFluxModel(f"{spec}: model_index.json has no {name} component", hint="pass a complete FluxPipeline folder")
         folder = root / name
         if not folder.is_dir():
             raise SourceNotFound(f"{spec}: component folder {name}/ is missing", hint="re-download the source")
@@ -310,10 +310,10 @@ def load_pipeline_folder(root: Path, *, spec: str, kind: str, identity: dict[str
         if name in {"transformer", "text_encoder", "text_encoder_2", "vae"}:
             comp.config = _load_json(folder / "config.json") if (folder / "config.json").is_file() else {}
             if not comp.config:
-                raise SourceNotFound(f"{spec}: {name}/config.json is missing")
+                raise SourceNotFound(f"{spec}: {name}/config.json is missing", hint="re-download the source")
             comp.weight_files = _component_weight_files(folder)
             if not comp.weight_files:
-                raise SourceNotFound(f"{spec}: {name}/ has no .safetensors weights")
+                raise SourceNotFound(f"{spec}: {name}/ has no .safetensors weights", hint="re-download the source (qconvert reads only .safetensors)")
             comp.tensors = describe_files(comp.weight_files)
             if "quantization_config" in comp.config:
                 raise InputError(
@@ -505,9 +505,9 @@ def resolve_source(
                 hint="use the .safetensors release of the model",
             )
         if path.suffix.lower() != ".safetensors":
-            raise InputError(f"{spec} is not a .safetensors file or a pipeline folder")
+            raise InputError(f"{spec} is not a .safetensors file or a pipeline folder", hint="pass a FluxPipeline folder, a Hub repo id or a BFL .safetensors file")
         if not _allow_bfl:
-            raise UsageError(f"--base {spec} must be a pipeline, not a single file")
+            raise UsageError(f"--base {spec} must be a pipeline, not a single file", hint="pass a FluxPipeline folder or Hub repo id as --base")
         return _bfl_source(path, spec=spec, base=base, revision=revision, token=token, endpoint=endpoint)
 
     if looks_like_repo_id(spec):
@@ -571,7 +571,7 @@ def _bfl_source(
     for name, t in tensors.items():
         want = comp.tensors[name].shape
         if t.shape != want:
-            raise NotAFluxModel(f"{path.name}: {name} has shape {t.shape}, base config expects {want}")
+            raise NotAFluxModel(f"{path.name}: {name} has shape {t.shape}, base config expects {want}", hint="pick a --base of the same Flux variant and size")
     new_comp = Component("transformer", None, comp.library, comp.class_name, dict(cfg), tensors, [path])
     components = dict(base_src.components)
     components["transformer"] = new_comp

@@ -32,9 +32,13 @@ def test_demo_output_validates_and_writes_artefacts(int8_out):
     for key in ("load_s", "memory_after_load", "peak_memory", "step_s", "transformer_bytes"):
         assert data["quantized"][key] > 0, key
     assert data["quality"]["memory_reduction"] >= 1.5
-    # LPIPS needs torchvision and locally cached AlexNet weights; neither is on a CI machine
-    assert data["quality"]["lpips"] is None and "skipped" in data["quality"]["lpips_note"]
-    assert "qconvert[lpips]" in data["quality"]["lpips_note"] or "AlexNet weights" in data["quality"]["lpips_note"]
+    # LPIPS needs torchvision and locally cached AlexNet weights (not on a CI machine): measured
+    # where they are, else skipped with the reason
+    if data["quality"]["lpips"] is None:
+        note = data["quality"]["lpips_note"]
+        assert note.startswith("skipped") and ("qconvert[lpips]" in note or "AlexNet weights" in note or "32x32" in note)
+    else:
+        assert 0.0 <= data["quality"]["lpips"] <= 1.0
     for rel in data["samples"]:
         assert (int8_out / rel).stat().st_size > 0
     from PIL import Image

@@ -220,7 +220,7 @@ def load_quantized(out: Path, manifest: dict[str, Any], ref_root: Path, *, dtype
         ggufs = sorted(Path(out).glob("*.gguf"))
         flux_files = [p for p in ggufs if not p.name.startswith("t5xxl-")]
         if not flux_files:
-            raise InputError(f"{out} has no transformer .gguf file")
+            raise InputError(f"{out} has no transformer .gguf file", hint="convert again")
         transformer = FluxTransformer2DModel.from_single_file(
             str(flux_files[0]),
             quantization_config=GGUFQuantizationConfig(compute_dtype=dtype),
