@@ -244,10 +244,11 @@ def flux(
             pick_device(device)
             load_thresholds(backend, scheme, file=thresholds_file)
         if do_push:
+            label = "--repo-id" if repo_id else "the repo id <namespace>/<--out folder name>"
             repo_id = _push_repo_id(repo_id, namespace, out, token)
             from .publish import check_push_target
 
-            check_push_target(repo_id, token=token, endpoint=hub_endpoint())
+            check_push_target(repo_id, token=token, endpoint=hub_endpoint(), label=label)
     t0 = time.perf_counter()
     state.info(f"resolving source {source}")
     src = resolve_source(source, revision=revision, base=base, token=token, endpoint=hub_endpoint())
@@ -303,7 +304,7 @@ def flux(
     if report is not None:
         from .validate import raise_if_failed
 
-        raise_if_failed(report)  # a failed validation never publishes
+        raise_if_failed(report, after_convert=True)  # a failed validation never publishes
     if do_push:
         from .cards import render_card
         from .publish import push
@@ -546,6 +547,10 @@ def release_cmd(state: State, plan_file: Path, only: str | None, as_matrix: bool
         raise error
 
 
+# click >= 8.2 raises this for a bare group call; click 8.1 prints the help and exits 0 itself
+_NO_ARGS_IS_HELP: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: runs the CLI and turns every expected failure into one line + exit code."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
@@ -556,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Abort:
         click.echo("error: interrupted", err=True)
         return EXIT_INTERRUPTED
-    except click.exceptions.NoArgsIsHelpError as e:  # bare `qconvert`: the help, not an error
+    except _NO_ARGS_IS_HELP as e:  # bare `qconvert` (click >= 8.2): the help, not an error
         click.echo(e.ctx.get_help() if e.ctx else str(e))
         return 0
     except click.ClickException as e:

@@ -358,14 +358,14 @@ def collection_note(manifest: dict[str, Any], validation: dict[str, Any] | None)
     return note
 
 
-def check_push_target(repo_id: str, *, token: str | None, endpoint: str | None) -> None:
+def check_push_target(repo_id: str, *, token: str | None, endpoint: str | None, label: str = "--repo-id") -> None:
     """Fail now, before hours of converting, if ``repo_id`` is malformed or the token cannot push there."""
     from huggingface_hub import HfApi
 
     from .sources import looks_like_repo_id
 
     if not looks_like_repo_id(repo_id):
-        raise UsageError(f"--repo-id {repo_id!r} is not a Hub repo id", hint="use the form namespace/name")
+        raise UsageError(f"{label} {repo_id!r} is not a Hub repo id", hint="use the form namespace/name")
     _check_token(HfApi(endpoint=endpoint, token=token), token, repo_id, endpoint=endpoint)
 
 

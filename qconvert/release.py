@@ -119,6 +119,13 @@ def _check_thresholds(path: Path, text: str, table: Any, where: str, variant: in
     for key in table:
         if key not in known:
             raise _plan_error(path, text, f"unknown threshold {key!r} in {where} (valid: {', '.join(known)})", key, variant)
+    from .validate.thresholds import _apply
+
+    for key, value in table.items():  # values too: a bad one must not surface after converting
+        try:
+            _apply(Thresholds(), {key: value}, where)
+        except UsageError as e:
+            raise _plan_error(path, text, e.message, key, variant) from None
 
 
 def load_plan(path: Path | str) -> ReleasePlan:
@@ -151,6 +158,9 @@ def load_plan(path: Path | str) -> ReleasePlan:
     if not isinstance(pattern, str):
         raise _plan_error(path, text, "repo_pattern must be a string", "repo_pattern")
     _check_thresholds(path, text, rel.get("thresholds", {}), "[release] thresholds", None)
+    device = rel.get("device")
+    if device is not None and not (isinstance(device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", device)):
+        raise _plan_error(path, text, f"device {device!r} is not auto, cpu, cuda or cuda:N", "device")
     default_components = rel.get("components")
     raw_variants = data.get("variant")
     if not isinstance(raw_variants, list) or not raw_variants:
@@ -321,11 +331,7 @@ def run_release(
             from .validate import raise_if_failed, validate
 
             log(f"{v.name}: validating")
-            overrides = dict(v.thresholds)
-            if isinstance(overrides.get("max_memory"), str):
-                from .convert.writers import parse_size
-
-                overrides["max_memory"] = parse_size(overrides["max_memory"])
+            overrides = dict(v.thresholds)  # checked by load_plan; max_memory strings are parsed there too
             report = validate(out, device=plan.device, overrides=overrides, token=token, endpoint=endpoint)
             raise_if_failed(report)
             from .cards import render_card

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -385,8 +386,8 @@ def looks_like_repo_id(spec: str) -> bool:
 def _cached_hub_source(repo_id: str, revision: str | None) -> tuple[Path, str]:
     """(snapshot folder, commit) of a repo in the local Hub cache.
 
-    qconvert downloads a commit by its hash, which records no branch ref: without --revision,
-    the cached snapshot of "main" is used if known, else the only one cached.
+    qconvert downloads a commit by its hash, which records no branch ref: for a branch or tag
+    (default "main") the snapshot with that ref is used if known, else the only one cached.
     """
     from huggingface_hub import constants, scan_cache_dir
 
@@ -401,10 +402,11 @@ def _cached_hub_source(repo_id: str, revision: str | None) -> tuple[Path, str]:
     revisions = [rev for r in repos for rev in r.revisions if (rev.snapshot_path / "model_index.json").is_file()]
     wanted = revision or "main"
     chosen = [rev for rev in revisions if rev.commit_hash == wanted or wanted in rev.refs]
-    if not chosen and revision is None and len(revisions) == 1:
+    is_commit = bool(re.fullmatch(r"[0-9a-f]{40}", wanted))
+    if not chosen and not is_commit and len(revisions) == 1:  # a branch or tag: no ref recorded
         chosen = revisions
     if not chosen:
-        if revision is None and len(revisions) > 1:
+        if not is_commit and len(revisions) > 1:
             raise InputError(f"{repo_id} has {len(revisions)} cached revisions and HF_HUB_OFFLINE is set",
                              hint="pass --revision <commit>")  # fmt: skip
         raise missing
@@ -424,9 +426,9 @@ def download_hub_source(
         RevisionNotFoundError,
     )
 
-    from huggingface_hub import is_offline_mode
+    from huggingface_hub import constants
 
-    if is_offline_mode():  # HF_HUB_OFFLINE=1: the local Hub cache only, no request at all
+    if constants.HF_HUB_OFFLINE:  # HF_HUB_OFFLINE=1: the local Hub cache only, no request at all
         return _cached_hub_source(repo_id, revision)
 
     api = HfApi(endpoint=endpoint, token=token)
@@ -481,6 +483,8 @@ def resolve_source(
     from . import tiny
 
     path = Path(spec).expanduser()
+    if not path.exists() and path.suffix.lower() == ".safetensors":
+        raise SourceNotFound(f"{spec} not found", hint="check the path of the .safetensors file")
     is_single_file = path.is_file()
     if base and not is_single_file:
         raise UsageError(f"--base is for a single-file --source; {spec} is a whole pipeline", hint="drop --base")

@@ -38,6 +38,9 @@ BAD_PLANS = {
     "option the backend does not read": (GOOD + 'options = { layout = "bfl" }\n', "does not take 'layout'"),
     "thresholds not a table": (GOOD + 'thresholds = 3\n', "thresholds must be a table"),
     "misspelt threshold": (GOOD + 'thresholds = { min_psrn = 40 }\n', "unknown threshold 'min_psrn'"),
+    "threshold that is not a number": (GOOD + 'thresholds = { min_psnr = "20" }\n', "must be a non-negative number"),
+    "threshold size that is not a size": (GOOD + 'thresholds = { max_memory = "lots" }\n', "is not a size"),
+    "device that is not one": (GOOD.replace('namespace = "acme"', 'namespace = "acme"\ndevice = "gpu"'), "line 5"),
     "misspelt release threshold": (GOOD.replace('namespace = "acme"', 'namespace = "acme"\nthresholds = { max_memry = "1GB" }'), "line 5"),
 }
 
@@ -122,3 +125,28 @@ def test_three_variants_resume_after_kill_and_push_nothing_twice(hub, hub_env, t
     rows = {r["name"]: r["status"] for r in json.loads(changed.stdout)}
     assert rows == {"int8wo": "done", "fp8wo": "skipped", "Q8_0": "skipped"}
     assert hub.commit_count("acme/rel-int8wo") == counts["int8wo"] + 1
+
+
+def test_matrix_needs_only_qconvert_itself():
+    """The release workflow's plan job installs qconvert alone (--no-deps): --matrix must not
+    import torch, numpy, huggingface_hub or any other dependency, plan checks included."""
+    import subprocess
+    import sys
+
+    code = (
+        "import builtins, sys\n"
+        "real = builtins.__import__\n"
+        "blocked = {'torch', 'numpy', 'huggingface_hub', 'diffusers', 'transformers', 'safetensors', 'gguf',\n"
+        "           'httpx', 'requests', 'PIL', 'tqdm', 'torchao', 'bitsandbytes', 'accelerate'}\n"
+        "def guarded(name, *a, **k):\n"
+        "    if name.split('.')[0] in blocked:\n"
+        "        raise ImportError(name)\n"
+        "    return real(name, *a, **k)\n"
+        "builtins.__import__ = guarded\n"
+        "from qconvert.cli import main\n"
+        "sys.exit(main(['release', sys.argv[1], '--matrix']))\n"
+    )
+    for plan in sorted((REPO_ROOT / "releases").glob("*.toml")):
+        proc = subprocess.run([sys.executable, "-c", code, str(plan)], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout) == matrix(load_plan(plan))

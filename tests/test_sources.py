@@ -67,6 +67,8 @@ def test_hub_source_downloads_only_pipeline_files(hub, hub_env, tiny_path, tmp_p
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(constants, "HF_HUB_OFFLINE", True)
         assert resolve_source("acme/tiny-flux", token=hub.token, endpoint=hub.endpoint).identity == src.identity
+        # a branch name (release plans say revision = "main"): the cached snapshot, no ref needed
+        assert resolve_source("acme/tiny-flux", revision="main", token=hub.token, endpoint=hub.endpoint).identity["revision"] == sha
         with pytest.raises(errors.InputError, match="not in the local Hub cache and HF_HUB_OFFLINE"):
             resolve_source("acme/never-downloaded", token=hub.token, endpoint=hub.endpoint)
     assert hub.count_requests() == requests

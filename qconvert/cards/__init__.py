@@ -427,8 +427,7 @@ def _license_text(facts: CardFacts) -> str:
         )
     else:
         of = f" of {facts.base_model}" if facts.base_model else ""
-        under = "the license given at conversion" if lic.origin == "given" else f"its license (from {lic.origin})"
-        text = f"These weights are a quantized derivative{of} and are distributed under {under}: `{lic.license}`"
+        text = f"These weights are a quantized derivative{of} and are distributed under its license: `{lic.license}`"
         if lic.name:
             text += f" ({lic.name})"
         text += "."

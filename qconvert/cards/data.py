@@ -43,7 +43,6 @@ class LicenseInfo:
     license: str
     name: str | None = None
     link: str | None = None
-    origin: str = ""  # where it was found ("given": --license), named in the card's license section
 
 
 @dataclass
@@ -154,21 +153,20 @@ def source_revision(identity: dict[str, Any]) -> str | None:
     return None
 
 
-def _base_card(identity: dict[str, Any], *, token: str | None, endpoint: str | None) -> tuple[dict[str, Any] | None, str]:
-    """Front matter of the source's own README.md, and a label for where it was read."""
+def _base_card(identity: dict[str, Any], *, token: str | None, endpoint: str | None) -> dict[str, Any] | None:
+    """Front matter of the source's own README.md."""
     kind = identity.get("kind")
     if kind == "bfl":
         return _base_card(identity.get("base") or {}, token=token, endpoint=endpoint)
     if kind == "local":
-        folder = Path(identity.get("path", ""))
-        return front_matter(folder / CARD_NAME), f"{folder.name}/README.md"
+        return front_matter(Path(identity.get("path", "")) / CARD_NAME)
     if kind == "hub":
         repo_id, revision = identity.get("repo_id"), identity.get("revision")
         if not repo_id:
-            return None, ""
+            return None
         path = _hub_readme(repo_id, revision, token=token, endpoint=endpoint)
-        return (front_matter(path) if path else None), f"the card of {repo_id}"
-    return None, ""
+        return front_matter(path) if path else None
+    return None
 
 
 def _hub_readme(repo_id: str, revision: str | None, *, token: str | None, endpoint: str | None) -> Path | None:
@@ -187,7 +185,7 @@ def _hub_readme(repo_id: str, revision: str | None, *, token: str | None, endpoi
         return None
 
 
-def _license_from(meta: dict[str, Any] | None, origin: str) -> LicenseInfo | None:
+def _license_from(meta: dict[str, Any] | None) -> LicenseInfo | None:
     if not meta:
         return None
     lic = meta.get("license")
@@ -201,7 +199,6 @@ def _license_from(meta: dict[str, Any] | None, origin: str) -> LicenseInfo | Non
         lic.strip(),
         name if isinstance(name, str) and name else None,
         link if isinstance(link, str) and link else None,
-        origin,
     )
 
 
@@ -222,21 +219,20 @@ def resolve_license(
                 "--license other needs --license-name (and usually --license-link)",
                 hint="e.g. --license other --license-name flux-1-dev-non-commercial-license --license-link LICENSE.md",
             )
-        info = LicenseInfo(license, license_name, license_link, "given")
+        info = LicenseInfo(license, license_name, license_link)
     else:
         if license_name or license_link:
             raise UsageError("--license-name/--license-link need --license")
         identity = manifest.get("source") or {}
         # an earlier qconvert card keeps what was chosen then (e.g. `qconvert card --license`)
-        info = _license_from(existing_card_metadata(out), "the existing card")
+        info = _license_from(existing_card_metadata(out))
         if info is None and identity.get("kind") == "builtin":
-            info = LicenseInfo(BUILTIN_LICENSE, None, None, "builtin")
+            info = LicenseInfo(BUILTIN_LICENSE, None, None)
         if info is None:
-            meta, origin = _base_card(identity, token=token, endpoint=endpoint)
-            info = _license_from(meta, origin)
+            info = _license_from(_base_card(identity, token=token, endpoint=endpoint))
         if info is None and base_model and base_model != source_repo_id(identity):
             path = _hub_readme(base_model, None, token=token, endpoint=endpoint)
-            info = _license_from(front_matter(path) if path else None, f"the card of {base_model}")
+            info = _license_from(front_matter(path) if path else None)
         if info is None:
             what = base_model or _source_label(identity)
             raise InputError(

@@ -87,7 +87,7 @@ def parse_components(text: str | None) -> tuple[str, ...]:
     bad = [c for c in names if c not in flux.QUANTIZABLE]
     if bad or not names:
         raise UsageError(
-            f"cannot quantize component {bad[0] if bad else text!r}",
+            f"cannot quantize component {bad[0]!r}" if bad else "--components is empty",
             hint=f"--components takes a comma list of: {', '.join(flux.QUANTIZABLE)}",
         )
     return names

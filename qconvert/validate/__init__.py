@@ -641,13 +641,14 @@ def _write_samples(out: Path, q_images: Any, r_images: Any) -> list[str]:
     return names
 
 
-def raise_if_failed(report: ValidationReport) -> None:
+def raise_if_failed(report: ValidationReport, *, after_convert: bool = False) -> None:
     failed = [c for c in report.checks if not c.passed]
     if failed:
         c = failed[0]
         more = f" (+{len(failed) - 1} more)" if len(failed) > 1 else ""
+        kept = "the output is kept for inspection (convert again with --overwrite); " if after_convert else ""
         raise ValidationFailed(
             f"validation failed: {c.line()}{more}",
-            hint=f"see {report.out / VALIDATION_NAME}; the output is kept for inspection (re-run with --overwrite); "
+            hint=f"see {report.out / VALIDATION_NAME}; {kept}"
             "limits: --thresholds FILE or the --min-*/--max-* flags of `qconvert validate`",
         )

@@ -86,6 +86,8 @@ def lpips(quantized: Any, reference: Any) -> tuple[float | None, str]:
     path = Path(torch.hub.get_dir()) / "checkpoints" / weights.url.rsplit("/", 1)[-1]
     if not path.is_file():
         return None, f"skipped: AlexNet weights not in {path} (fetch them once: {LPIPS_FETCH_HINT})"
+    if not (torch.isfinite(quantized).all() and torch.isfinite(reference).all()):
+        return None, "skipped: the images are not finite"
     if min(quantized.shape[-2:]) < LPIPS_MIN_SIZE:
         return None, f"skipped: images smaller than {LPIPS_MIN_SIZE}x{LPIPS_MIN_SIZE} px"
     from torchmetrics.functional.image.lpips import learned_perceptual_image_patch_similarity
