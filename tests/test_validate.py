@@ -100,7 +100,7 @@ def test_swapped_text_encoder_fails(int8_out, tmp_path):
 def test_memory_budget_below_measured_fails_and_an_unmeasurable_lpips_limit_fails(int8_out, tmp_path):
     out = _copy(int8_out, tmp_path / "budget")
     # an empty torch hub folder: no AlexNet weights, so LPIPS cannot be measured on any machine
-    proc = run_cli("validate", str(out), "--max-memory", "1KB", "--max-lpips", "0.5", env={"TORCH_HOME": str(tmp_path / "th")})
+    proc = invoke("validate", str(out), "--max-memory", "1KB", "--max-lpips", "0.5", env={"TORCH_HOME": str(tmp_path / "th")})
     line = assert_one_line_error(proc, code=4, contains="(+1 more)")
     assert "max_memory" in line or "lpips: not measured" in line
     checks = {c["name"]: c for c in json.loads((out / "validation.json").read_text())["checks"]}
@@ -170,7 +170,7 @@ def test_identical_images_give_valid_json(tmp_path):
 def test_single_file_reference_without_a_base_names_the_fix(int8_out, tmp_path):
     f = tmp_path / "flux1.safetensors"
     f.write_bytes(b"")
-    proc = run_cli("validate", str(int8_out), "--reference", str(f))
+    proc = invoke("validate", str(int8_out), "--reference", str(f))
     assert_one_line_error(proc, code=2, contains="pass a pipeline folder or Hub repo id as --reference")
 
 
