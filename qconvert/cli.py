@@ -378,16 +378,8 @@ def validate_cmd(
     overrides: dict[str, Any] = {
         "min_psnr": min_psnr, "min_ssim": min_ssim, "max_forward_rel_error": max_forward_error,
         "min_memory_reduction": min_memory_reduction, "max_step_time": max_step_time, "max_lpips": max_lpips,
+        "max_memory": max_memory,  # a size string, parsed and checked with the other thresholds
     }  # fmt: skip
-    if max_memory is not None:
-        from .convert.writers import parse_size
-
-        try:
-            overrides["max_memory"] = parse_size(max_memory)
-            if overrides["max_memory"] <= 0:
-                raise ValueError
-        except ValueError:
-            raise UsageError(f"--max-memory {max_memory!r} is not a size", hint="e.g. 12GiB or 500MB") from None
     _quiet_libraries(state.verbose)
     from .validate import raise_if_failed, validate
 

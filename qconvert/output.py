@@ -127,8 +127,8 @@ def copy_tree(src: Path, dst: Path) -> list[Path]:
 
 
 def json_bytes(data: Any) -> bytes:
-    """The one JSON layout of qconvert's files (sorted keys: deterministic)."""
-    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    """The one JSON layout of qconvert's files (sorted keys: deterministic; strict: no NaN)."""
+    return (json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -150,9 +150,12 @@ def public_identity(identity: Any) -> Any:
     }
 
 
+PUBLIC_FILES = ("qconvert.json", "validation.json")  # published with local paths reduced to names
+
+
 def public_file(name: str, data: bytes) -> bytes:
     """``qconvert.json`` / ``validation.json`` as published: source paths reduced to names."""
-    if name not in ("qconvert.json", "validation.json"):
+    if name not in PUBLIC_FILES:
         return data
     try:
         doc = json.loads(data)

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .output import public_file, sha256_of
+from .output import PUBLIC_FILES, public_file, read_manifest, sha256_of
 from .errors import (
     AuthError,
     InputError,
@@ -60,7 +60,6 @@ from .errors import (
 RETRY_STATUSES = (408, 429, 500, 502, 503, 504)
 RETRY_WAITS = (1.0, 2.0, 4.0)  # seconds before the 2nd, 3rd and 4th try of the commit
 KEEP_REMOTE = (".gitattributes",)
-PUBLIC_FILES = ("qconvert.json", "validation.json")  # published with local paths reduced to names
 TOKEN_HINT = "set HF_TOKEN to a write token (https://huggingface.co/settings/tokens) or run `hf auth login`"
 
 
@@ -362,11 +361,15 @@ def check_push_target(repo_id: str, *, token: str | None, endpoint: str | None, 
     """Fail now, before hours of converting, if ``repo_id`` is malformed or the token cannot push there."""
     from huggingface_hub import HfApi
 
+    _check_repo_id(repo_id, label)
+    _check_token(HfApi(endpoint=endpoint, token=token), token, repo_id, endpoint=endpoint)
+
+
+def _check_repo_id(repo_id: str, label: str) -> None:
     from .sources import looks_like_repo_id
 
     if not looks_like_repo_id(repo_id):
         raise UsageError(f"{label} {repo_id!r} is not a Hub repo id", hint="use the form namespace/name")
-    _check_token(HfApi(endpoint=endpoint, token=token), token, repo_id, endpoint=endpoint)
 
 
 def _check_token(api: Any, token: str | None, repo_id: str, *, endpoint: str | None) -> dict[str, Any]:
@@ -461,12 +464,9 @@ def push(
     log = info or (lambda msg: None)
     from .cards import CARD_NAME, card_text, is_generated_card
     from .cards.data import read_validation
-    from .output import read_manifest
-    from .sources import looks_like_repo_id
 
     out = Path(out)
-    if not looks_like_repo_id(repo_id):
-        raise UsageError(f"--repo-id {repo_id!r} is not a Hub repo id", hint="use the form namespace/name")
+    _check_repo_id(repo_id, "--repo-id")
     if collection is not None and not collection.strip():
         raise UsageError("--collection needs a title", hint='e.g. --collection "FLUX.1-dev quantized"')
     manifest = read_manifest(out)

@@ -29,7 +29,7 @@ import json
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -110,22 +110,17 @@ def _plan_error(path: Path, text: str, msg: str, key: str | None = None, variant
 
 
 def _check_thresholds(path: Path, text: str, table: Any, where: str, variant: int | None) -> None:
-    """A thresholds table of known keys: a typo must not leave a variant gated by the defaults."""
-    from .validate.thresholds import Thresholds
+    """Known keys and valid values: a typo must not leave a variant gated by the defaults, and a
+    bad value must not surface only after converting."""
+    from .validate.thresholds import check_thresholds
 
     if not isinstance(table, dict):
         raise _plan_error(path, text, f"{where} must be a table, e.g. thresholds = {{ min_psnr = 20 }}", "thresholds", variant)
-    known = [f.name for f in fields(Thresholds)]
-    for key in table:
-        if key not in known:
-            raise _plan_error(path, text, f"unknown threshold {key!r} in {where} (valid: {', '.join(known)})", key, variant)
-    from .validate.thresholds import _apply
-
-    for key, value in table.items():  # values too: a bad one must not surface after converting
+    for key, value in table.items():
         try:
-            _apply(Thresholds(), {key: value}, where)
+            check_thresholds({key: value}, where)
         except UsageError as e:
-            raise _plan_error(path, text, e.message, key, variant) from None
+            raise _plan_error(path, text, f"{e.message} ({e.hint})" if e.hint else e.message, key, variant) from None
 
 
 def load_plan(path: Path | str) -> ReleasePlan:
@@ -159,8 +154,13 @@ def load_plan(path: Path | str) -> ReleasePlan:
         raise _plan_error(path, text, "repo_pattern must be a string", "repo_pattern")
     _check_thresholds(path, text, rel.get("thresholds", {}), "[release] thresholds", None)
     device = rel.get("device")
-    if device is not None and not (isinstance(device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", device)):
-        raise _plan_error(path, text, f"device {device!r} is not auto, cpu, cuda or cuda:N", "device")
+    if device is not None:
+        from .validate import check_device_name
+
+        try:
+            check_device_name(device)
+        except UsageError as e:
+            raise _plan_error(path, text, f"{e.message} ({e.hint})", "device") from None
     default_components = rel.get("components")
     raw_variants = data.get("variant")
     if not isinstance(raw_variants, list) or not raw_variants:

@@ -448,13 +448,19 @@ def _forward(transformer: Any, inputs: dict[str, Any]) -> Any:
 # --- the command -----------------------------------------------------------------------------
 
 
+def check_device_name(device: Any) -> None:
+    """auto, cpu, cuda or cuda:N (whether this machine has it is pick_device's business)."""
+    if not (isinstance(device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", device)):
+        raise UsageError(f"device {device!r} is not a device", hint="use auto, cpu, cuda or cuda:N")
+
+
 def pick_device(device: str | None) -> str:
     import torch
 
+    if device is not None:
+        check_device_name(device)
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device != "cpu" and not re.fullmatch(r"cuda(:\d+)?", device):
-        raise UsageError(f"--device {device!r} is not a device", hint="use auto, cpu, cuda or cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
         from ..errors import DeviceError
 
@@ -582,7 +588,9 @@ def validate(
     report = ValidationReport(out, passed, checks, q_stats, r_stats, quality, settings, env, thresholds)
     if write:
         report.samples = _write_samples(out, q_images, r_images)
-        (out / VALIDATION_NAME).write_text(json.dumps(report.to_dict(), indent=2, sort_keys=True, allow_nan=False) + "\n")
+        from ..output import write_json
+
+        write_json(out / VALIDATION_NAME, report.to_dict())
     return report
 
 

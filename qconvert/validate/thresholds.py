@@ -42,11 +42,18 @@ def _apply(t: Thresholds, table: dict[str, Any], where: str) -> None:
 
             try:
                 value = parse_size(value)
+                if value <= 0:
+                    raise ValueError
             except ValueError:
                 raise UsageError(f"max_memory {value!r} in {where} is not a size", hint="e.g. \"12GiB\"") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value < 0:
             raise UsageError(f"threshold {key} in {where} must be a non-negative number, not {value!r}")
         setattr(t, key, value)
+
+
+def check_thresholds(table: dict[str, Any], where: str) -> None:
+    """Raise :class:`UsageError` for an unknown key or a bad value in ``table`` (nothing applied)."""
+    _apply(Thresholds(), table, where)
 
 
 def _tables(data: dict[str, Any], backend: str, scheme: str, where: str) -> list[tuple[dict[str, Any], str]]:
