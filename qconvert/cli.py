@@ -313,7 +313,8 @@ def flux(
         render_card(result.out, license=license_, token=token, endpoint=hub_endpoint())
         pushed = push(result.out, repo_id, token=token, endpoint=hub_endpoint(), private=private,
                       collection=collection, allow_unvalidated=no_validate, info=state.info)  # fmt: skip
-        state.info(f"pushed {pushed.url}" if pushed.committed else f"{pushed.url} already up to date: no commit made")
+        if not state.quiet:  # what happened to the repo and the collection (stderr under --json)
+            click.echo("\n".join(pushed.outcome_lines()), err=as_json)
 
 
 def _push_repo_id(repo_id: str | None, namespace: str | None, out: Path, token: str | None) -> str:

@@ -24,9 +24,14 @@
    commit that landed although its answer was lost counts as done. 401/403 are never
    retried. A failed push leaves the repo as it was (a commit is atomic on the Hub): run it
    again and it uploads only what is missing.
-7. ``collection``: ``create_collection(title, namespace=<repo namespace>, exists_ok=True)``
-   and ``add_collection_item(..., exists_ok=True)`` with a note (backend, scheme, size,
-   memory); an existing item whose note changed is updated. Idempotent.
+7. Only measurements differ (``validation.json``, the card, ``samples/``; same weights and
+   ``qconvert.json``): a re-validation of the same conversion is not a new release, so no
+   commit is made and the published files stay (``measurements_kept``).
+8. ``collection``: ``create_collection(title, namespace=<repo namespace>, exists_ok=True)``,
+   then the repo is added with a note (backend, scheme, size, memory), or its note is
+   updated, or nothing changes (``collection_action``). The note is made from what the repo
+   holds after the push: when the measurements were kept, from the *published*
+   ``validation.json``, so the card, the repo and the collection never disagree. Idempotent.
 
 ``dry_run=True`` makes only read requests (whoami, repo info) and returns the plan: repo,
 files with sizes and what would happen to each, commit message, collection. Nothing is
@@ -83,6 +88,9 @@ class PushResult:
     repo_exists: bool = True
     collection: str | None = None
     collection_slug: str | None = None
+    collection_action: str | None = None  # "added" | "note updated" | "unchanged"
+    collection_note: str | None = None  # the note the item has now
+    measurements_kept: bool = False  # only measurements differed: the published ones were kept
     validated: str = "passed"  # "passed" | "failed" | "not validated"
     notes: list[str] = field(default_factory=list)
 
@@ -127,17 +135,33 @@ class PushResult:
                 lines.append(f"  {f.action:<9} {f.path}  {human_bytes(f.size)}")
         lines.append(f"commit message: {self.commit_message}")
         lines.append(f"validation: {self.validated}")
+        return redact("\n".join(lines + self.outcome_lines()))
+
+    def outcome_lines(self) -> list[str]:
+        """What the push did: notes, the collection, the commit (``qconvert flux --push`` prints these)."""
+        lines = [f"note: {n}" for n in self.notes]
+        if self.measurements_kept:
+            lines.append(
+                "note: only measurements differ from the repo (validation.json, README.md, samples/): not published; "
+                "the repo, its card and the collection note keep the published run (a new validation is published "
+                "only together with a changed conversion, i.e. new weights or qconvert.json; no option forces it)"
+            )
         if self.collection:
             slug = f" ({self.collection_slug})" if self.collection_slug else ""
-            lines.append(f"collection: {self.collection}{slug}")
-        lines += [f"note: {n}" for n in self.notes]
+            did = {
+                "added": "added to it",
+                "note updated": "already in it, note updated",
+                "unchanged": "already in it, note unchanged",
+            }.get(self.collection_action or "", "")
+            note = f' [note: "{self.collection_note}"]' if did and self.collection_note else ""
+            lines.append(f"collection: {self.collection}{slug}{': ' + did if did else ''}{note}")
         if self.dry_run:
             lines.append("dry run: nothing was changed")
         elif self.committed:
             lines.append(f"pushed: commit {self.commit} ({self.url})")
         else:
             lines.append(f"already up to date (head {self.commit}): no commit made")
-        return redact("\n".join(lines))
+        return [redact(line) for line in lines]
 
 
 # --- local side ----------------------------------------------------------------------------
@@ -523,7 +547,8 @@ def push(
             f"the repo exists and is {'private' if remote.private else 'public'}; its visibility was left as it is"
         )
 
-    def plan(state: RemoteState) -> list[FileEntry]:
+    def plan(state: RemoteState) -> tuple[list[FileEntry], bool]:
+        """Each file's action, and whether only measurements differ (then all are kept)."""
         entries = [
             FileEntry(path, size, "unchanged" if _same(p, d, size, sha, state.files.get(path)) else "upload")
             for path, (size, sha, p, d) in target.items()
@@ -540,14 +565,14 @@ def push(
             # Same weights and manifest; only a re-validation's timings (and the card and
             # samples that show them) differ. That is not a new release: keep the published
             # files, so re-running an identical conversion changes nothing on the Hub.
-            notes.append("only measurements (validation.json, card, samples) differ: kept the published ones")
-            entries = [FileEntry(e.path, e.size, "unchanged") for e in entries]
-        return entries
+            return [FileEntry(e.path, e.size, "unchanged") for e in entries], True
+        return entries, False
 
+    files, kept = plan(remote)
     result = PushResult(
         repo_id=repo_id, url=f"{base_url}/{repo_id}", private=remote.private if remote.exists and remote.private is not None else private,
-        dry_run=dry_run, commit_message=message, files=plan(remote), repo_exists=remote.exists,
-        collection=collection, validated=validated, notes=notes, commit=remote.head,
+        dry_run=dry_run, commit_message=message, files=files, repo_exists=remote.exists,
+        collection=collection, validated=validated, notes=notes, commit=remote.head, measurements_kept=kept,
     )  # fmt: skip
     if dry_run:
         return result
@@ -563,7 +588,7 @@ def push(
         except Exception as e:  # noqa: BLE001
             raise hub_error(e, f"creating {repo_id}", repo_id=repo_id, endpoint=endpoint) from None
         remote = remote_state(api, repo_id, endpoint=endpoint)
-        result.files = plan(remote)
+        result.files, result.measurements_kept = plan(remote)
         result.private = remote.private if remote.private is not None else private
 
     if result.uploads or result.deletions:
@@ -591,10 +616,31 @@ def push(
     result.repo_exists = True
 
     if collection:
-        result.collection_slug = _add_to_collection(
-            api, collection, repo_id, collection_note(manifest, validation), endpoint=endpoint
+        # The note describes what the repo holds now: the kept (published) measurements when
+        # the local ones were not published, so it never shows numbers the card does not.
+        published = _published_validation(api, repo_id, result.commit) if result.measurements_kept else validation
+        note = None if published is _UNREADABLE else collection_note(manifest, published)
+        result.collection_slug, result.collection_action, result.collection_note = _add_to_collection(
+            api, collection, repo_id, note, endpoint=endpoint
         )
     return result
+
+
+_UNREADABLE: Any = object()
+
+
+def _published_validation(api: Any, repo_id: str, revision: str | None) -> Any:
+    """The repo's own ``validation.json`` at ``revision``; ``_UNREADABLE`` if it cannot be read."""
+    import json
+
+    from .validate import VALIDATION_NAME
+
+    try:
+        path = api.hf_hub_download(repo_id, VALIDATION_NAME, revision=revision)
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except Exception:  # noqa: BLE001 - unreadable: leave the note as it is rather than guess
+        return _UNREADABLE
+    return data if isinstance(data, dict) else _UNREADABLE
 
 
 def _commit_description(manifest: dict[str, Any], validated: str, result: PushResult) -> str:
@@ -607,14 +653,28 @@ def _commit_description(manifest: dict[str, Any], validated: str, result: PushRe
     return redact("\n".join(lines))
 
 
-def _add_to_collection(api: Any, title: str, repo_id: str, note: str, *, endpoint: str | None) -> str:
+def _add_to_collection(
+    api: Any, title: str, repo_id: str, note: str | None, *, endpoint: str | None
+) -> tuple[str, str, str | None]:
+    """Put ``repo_id`` in the collection ``title`` with ``note`` (None: leave an existing note).
+
+    Returns the slug, what was done ("added" | "note updated" | "unchanged") and the item's note.
+    """
     ns = repo_id.split("/")[0]
+
+    def item_of(coll: Any) -> Any:
+        return next((i for i in coll.items or [] if i.item_type == "model" and i.item_id == repo_id), None)
+
     try:
-        coll = api.create_collection(title, namespace=ns, exists_ok=True)
-        coll = api.add_collection_item(coll.slug, repo_id, "model", note=note, exists_ok=True)
-        for item in coll.items or []:
-            if item.item_type == "model" and item.item_id == repo_id and item.note != note:
-                api.update_collection_item(coll.slug, item.item_object_id, note=note)
-        return str(coll.slug)
+        coll = api.create_collection(title, namespace=ns, exists_ok=True)  # the existing one, with its items
+        item = item_of(coll)
+        if item is None:
+            # exists_ok: added meanwhile by someone else is fine too
+            item = item_of(api.add_collection_item(coll.slug, repo_id, "model", note=note, exists_ok=True))
+            return str(coll.slug), "added", getattr(item, "note", note)
+        if note is None or item.note == note:
+            return str(coll.slug), "unchanged", item.note
+        api.update_collection_item(coll.slug, item.item_object_id, note=note)
+        return str(coll.slug), "note updated", note
     except Exception as e:  # noqa: BLE001
         raise hub_error(e, f"adding {repo_id} to the collection {title!r}", repo_id=repo_id, endpoint=endpoint) from None

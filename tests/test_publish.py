@@ -249,13 +249,23 @@ def test_revalidated_identical_conversion_makes_no_commit(hub, hub_env, tmp_path
     from conftest import run_cli
 
     args = ("flux", "--source", "tiny-flux", "--backend", "torchao", "--scheme", "fp8wo", "--push",
-            "--repo-id", "acme/revalidated")
+            "--repo-id", "acme/revalidated", "--collection", "Revalidated quants")
     first = run_cli(*args, "--out", str(tmp_path / "one"), env=_hub_env(hub))
     assert first.returncode == 0, first.stderr
+    assert "pushed: commit" in first.stdout and "collection: Revalidated quants (" in first.stdout
+    assert "added to it" in first.stdout
     count = hub.commit_count("acme/revalidated")
+    published = hub.read_file("acme/revalidated", "validation.json")
+    slug = first.stdout.split("collection: Revalidated quants (")[1].split(")")[0]
+    note = _collection_note(hub, slug, "acme/revalidated")
     second = run_cli(*args, "--out", str(tmp_path / "two"), env=_hub_env(hub))
     assert second.returncode == 0, second.stderr
     assert hub.commit_count("acme/revalidated") == count
+    assert "no commit made" in second.stdout and "already in it, note unchanged" in second.stdout
+    assert _collection_note(hub, slug, "acme/revalidated") == note
+    # the second run's own timings and memory were not published, and it says so
+    if (tmp_path / "two" / "validation.json").read_bytes() != published:
+        assert "only measurements differ" in second.stdout and "not published" in second.stdout
 
 
 def test_published_manifest_and_validation_name_no_local_directories(hub, hub_env, tiny_path, tmp_path):
@@ -291,3 +301,69 @@ def test_published_manifest_and_validation_name_no_local_directories(hub, hub_en
 
     v = Variant("int8wo", "torchao", "int8wo", repo, tuple(local["options"]["components"]))
     assert remote_is_current(repo, local["source"], v, token=hub.token, endpoint=hub.endpoint)
+
+
+def _remeasured(out: Path, dest: Path, memory_after_load: int) -> Path:
+    """A copy of ``out`` as a re-validation leaves it: same weights, new measurements, old card."""
+    shutil.copytree(out, dest)
+    report = json.loads((dest / "validation.json").read_text())
+    report["quantized"]["memory_after_load"] = memory_after_load
+    (dest / "validation.json").write_text(json.dumps(report))
+    return dest
+
+
+def _collection_note(hub, slug: str, repo: str) -> str | None:
+    from huggingface_hub import HfApi
+
+    items = HfApi(endpoint=hub.endpoint, token=hub.token).get_collection(slug).items
+    return next(i.note for i in items if i.item_id == repo)
+
+
+def test_measurement_only_change_keeps_card_repo_and_collection_note_in_agreement(hub, hub_env, int8_out, tmp_path):
+    """Issue 14 item 6: no commit -> the collection note keeps showing the published numbers."""
+    from qconvert.plan import human_bytes
+
+    repo, title = "acme/tiny-int8-remeasured", "Remeasured quants"
+    first = push(int8_out, repo, token=hub.token, endpoint=hub.endpoint, collection=title)
+    assert first.committed
+    published_note = _collection_note(hub, first.collection_slug, repo)
+    published_card = hub.read_file(repo, "README.md")
+    assert published_note and published_note.startswith("torchao int8wo, ")
+
+    new_memory = 987_654_321_000  # far from any real figure: it cannot show up by chance
+    again = _remeasured(int8_out, tmp_path / "remeasured", new_memory)
+    commits = hub.commit_count(repo)
+    res = push(again, repo, token=hub.token, endpoint=hub.endpoint, collection=title)
+    assert not res.committed
+    assert hub.commit_count(repo) == commits and hub.read_file(repo, "README.md") == published_card
+    # the collection shows what the repo shows, not the unpublished run
+    note = _collection_note(hub, res.collection_slug, repo)
+    assert note == published_note and human_bytes(new_memory) not in note
+    assert first.collection_action == "added" and res.collection_action == "unchanged" and res.measurements_kept
+    text = res.render()
+    assert "not published" in text and "already in it, note unchanged" in text
+
+    # a real change (new weights' manifest) is published, and then the note follows it
+    changed = tmp_path / "changed"
+    shutil.copytree(again, changed)
+    manifest = json.loads((changed / "qconvert.json").read_text())
+    manifest["options"]["note_for_test"] = "changed"  # a manifest change: a new conversion
+    (changed / "qconvert.json").write_text(json.dumps(manifest, indent=2))
+    res = push(changed, repo, token=hub.token, endpoint=hub.endpoint, collection=title)
+    assert res.committed and not res.measurements_kept and res.collection_action == "note updated"
+    assert human_bytes(new_memory) in _collection_note(hub, res.collection_slug, repo)
+    assert human_bytes(new_memory) in hub.read_file(repo, "README.md").decode()
+
+
+def test_push_cli_says_what_it_did_with_the_collection(hub, hub_env, int8_out, tmp_path):
+    repo, title = "acme/tiny-int8-collection-cli", "CLI quants"
+    proc = _push_cli(str(int8_out), "--repo-id", repo, "--collection", title)
+    assert proc.returncode == 0, proc.stderr
+    assert f"collection: {title} (" in proc.stdout and "added to it" in proc.stdout
+    proc = _push_cli(str(int8_out), "--repo-id", repo, "--collection", title)
+    assert proc.returncode == 0, proc.stderr
+    assert "already in it, note unchanged" in proc.stdout and "no commit made" in proc.stdout
+    again = _remeasured(int8_out, tmp_path / "remeasured", 123_456_789_000)
+    proc = _push_cli(str(again), "--repo-id", repo, "--collection", title)
+    assert proc.returncode == 0, proc.stderr
+    assert "not published" in proc.stdout and "already in it, note unchanged" in proc.stdout
