@@ -196,13 +196,36 @@ def test_estimate_bytes(scheme, outputs):
 # --- loading -------------------------------------------------------------------------------
 
 
+# bitsandbytes has two CPU paths for 4-bit layers: the portable one (dequantize + matmul) and,
+# on CPUs with AVX512-BF16, a fused kernel that first repacks the weight. "off" forces the
+# portable path; "auto" is what the machine does (the repacked kernel where it can run).
+REPACK_MODES = ("off", "auto")
+
+
+def _generate(pipe) -> "torch.Tensor":
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(
+        "a photo of a cat", num_inference_steps=2, height=32, width=32, max_sequence_length=16,
+        output_type="pt", generator=torch.Generator().manual_seed(0),
+    ).images  # fmt: skip
+
+
+def _packed_layers(pipe) -> tuple[int, int]:
+    """(4-bit layers whose weight bitsandbytes repacked, 4-bit layers) after a forward."""
+    from bitsandbytes.nn import Linear4bit
+
+    layers = [m for c in (pipe.transformer, pipe.text_encoder_2) for m in c.modules() if isinstance(m, Linear4bit)]
+    return sum(bool(getattr(m.weight.quant_state, "packing_format_for_cpu", False)) for m in layers), len(layers)
+
+
+@pytest.mark.parametrize("repack", REPACK_MODES)
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_loads_and_generates(scheme, outputs):
+def test_loads_and_generates(scheme, repack, outputs):
     import diffusers
     import transformers
     from bitsandbytes.nn import Linear4bit, Linear8bitLt
 
-    from qconvert.convert.bnb_cpu import allow_bnb_on_cpu
+    from qconvert.convert.bnb_cpu import allow_bnb_on_cpu, cpu_has_repack_kernel, load_pipeline_on_cpu
 
     out = outputs[scheme].out
     cls = Linear8bitLt if scheme == "int8" else Linear4bit
@@ -218,16 +241,110 @@ def test_loads_and_generates(scheme, outputs):
     del t5
 
     # A plain load; for nf4 also the way users load it (a float32 T5 would break this one).
-    for kwargs in ({}, {"torch_dtype": torch.bfloat16}) if scheme == "nf4" else ({},):
-        with allow_bnb_on_cpu():
-            pipe = diffusers.FluxPipeline.from_pretrained(out, **kwargs)
-        pipe.set_progress_bar_config(disable=True)
-        image = pipe(
-            "a photo of a cat", num_inference_steps=2, height=32, width=32, max_sequence_length=16,
-            output_type="pt", generator=torch.Generator().manual_seed(0),
-        ).images  # fmt: skip
+    for dtype in (torch.float32, torch.bfloat16) if scheme == "nf4" else (torch.float32,):
+        pipe = load_pipeline_on_cpu(out, dtype=dtype, repack=repack)
+        image = _generate(pipe)
         assert image.shape == (1, 3, 32, 32)
         assert bool(torch.isfinite(image).all())
+        packed, layers = _packed_layers(pipe)
+        if scheme != "int8":  # tiny-flux has 4-bit layers wide enough for the repack, and narrow ones
+            assert 0 < layers
+            assert (packed > 0) == (repack == "auto" and cpu_has_repack_kernel()), (packed, layers)
+            assert packed < layers
+
+
+@pytest.mark.parametrize("scheme", [s for s in SCHEMES if s != "int8"])
+def test_repack_guard_matches_bitsandbytes(scheme, outputs):
+    """On any CPU: bitsandbytes' own repack succeeds (and inverts exactly) on the layers
+    ``can_repack`` admits and raises on the others — the failure AVX512-BF16 machines hit."""
+    import copy
+
+    import bitsandbytes.functional as F
+    from bitsandbytes.nn import Linear4bit
+
+    from qconvert.convert.bnb_cpu import can_repack, load_pipeline_on_cpu
+
+    pipe = load_pipeline_on_cpu(outputs[scheme].out, dtype=torch.float32, repack="off")
+    verdicts = {True: 0, False: 0}
+    for comp in (pipe.transformer, pipe.text_encoder_2):
+        for name, m in comp.named_modules():
+            if not isinstance(m, Linear4bit):
+                continue
+            state, data = copy.deepcopy(m.weight.quant_state), m.weight.data.clone()
+            fits = can_repack(state.shape, state.blocksize)
+            verdicts[fits] += 1
+            if not fits:
+                with pytest.raises((RuntimeError, AssertionError)):
+                    F._convert_weight_packed_for_cpu(data, state)
+                continue
+            packed, packed_state = F._convert_weight_packed_for_cpu(data, state)
+            back, _ = F._convert_weight_packed_for_cpu_inverse(packed, packed_state)
+            assert torch.equal(back.view(torch.uint8), m.weight.data.view(torch.uint8)), name
+    assert verdicts[True] > 0 and verdicts[False] > 0, verdicts
+
+
+def test_narrow_layer_on_the_repack_path_is_the_original_failure(outputs):
+    """What `qconvert validate` hit on AVX512-BF16 CPUs, reproduced on any CPU: a 32-wide T5
+    layer sent down the repack path fails in bitsandbytes before any kernel runs; the guard
+    keeps it off that path whatever the mode."""
+    from qconvert.convert.bnb_cpu import configure_cpu_repack, load_pipeline_on_cpu
+
+    pipe = load_pipeline_on_cpu(outputs["nf4"].out, dtype=torch.float32, repack="off")
+    layer = pipe.text_encoder_2.encoder.block[0].layer[0].SelfAttention.o  # 32 -> 32
+    x = torch.randn(1, 3, layer.in_features)
+    del layer.forward  # bitsandbytes' own forward, as it runs on such a CPU
+    layer.support_avx512bf16_for_cpu = True
+    with torch.no_grad(), pytest.raises(RuntimeError, match="is invalid for input of size"):
+        layer(x)
+    pipe = load_pipeline_on_cpu(outputs["nf4"].out, dtype=torch.float32, repack="auto")
+    layer = pipe.text_encoder_2.encoder.block[0].layer[0].SelfAttention.o
+    assert layer.support_avx512bf16_for_cpu is False
+    plan = configure_cpu_repack(pipe.text_encoder_2, "auto")
+    assert plan.reference > 0 and plan.repacked == plan.dequantize == 0  # every tiny T5 layer is narrow
+    with torch.no_grad():
+        assert torch.isfinite(layer(x)).all()
+
+
+@pytest.mark.parametrize("scheme", ["nf4", "nf4-dq", "fp4"])
+def test_reference_path_reads_the_blocks_as_written(scheme, source, outputs):
+    """Narrow layers dequantize block by block over the flattened weight, as bitsandbytes
+    quantized them (and as CUDA reads them): the layer equals a plain Linear on that weight and
+    its error against the source stays in the scheme's band (bitsandbytes' per-row C
+    dequantizer reads the wrong absmax on such rows: ~2x the error)."""
+    from qconvert.convert.bnb_cpu import load_pipeline_on_cpu
+
+    pipe = load_pipeline_on_cpu(outputs[scheme].out, dtype=torch.float32)
+    layer = pipe.text_encoder_2.encoder.block[0].layer[0].SelfAttention.o
+    assert "forward" in layer.__dict__  # the reference path
+    name = "encoder.block.0.layer.0.SelfAttention.o.weight"
+    from qconvert.sources import TensorReader
+
+    with TensorReader() as reader:
+        w = reader.load(source.components["text_encoder_2"].tensors[name]).to(torch.bfloat16).float()
+    eye = torch.eye(layer.in_features)
+    with torch.no_grad():
+        dense = layer(eye).T  # the weight the layer applies, (out, in)
+    err = float((dense - w).norm() / w.norm())
+    assert err < BANDS[scheme][1] * 1.5, err  # a 32x32 matrix: a small sample of the band
+
+
+def test_repack_mode_on(outputs, monkeypatch):
+    """``on`` runs the repacked kernel on every layer that fits it where the CPU has one, and is
+    a one-line device error where it has not (the kernel is the only reader of that layout)."""
+    from qconvert.convert.bnb_cpu import REPACK_ENV, cpu_has_repack_kernel, load_pipeline_on_cpu
+    from qconvert.errors import DeviceError, UsageError
+
+    monkeypatch.setenv(REPACK_ENV, "on")
+    if cpu_has_repack_kernel():
+        pipe = load_pipeline_on_cpu(outputs["nf4"].out, dtype=torch.float32)
+        assert torch.isfinite(_generate(pipe)).all()
+        assert _packed_layers(pipe)[0] > 0
+    else:
+        with pytest.raises(DeviceError, match="AVX512-BF16"):
+            load_pipeline_on_cpu(outputs["nf4"].out, dtype=torch.float32)
+    monkeypatch.setenv(REPACK_ENV, "sometimes")
+    with pytest.raises(UsageError, match="auto, on, off"):
+        load_pipeline_on_cpu(outputs["nf4"].out, dtype=torch.float32)
 
 
 def test_allow_bnb_on_cpu_restores():
@@ -381,12 +498,17 @@ def run_cli(args: list[str], cwd: Path, prelude: str = "") -> subprocess.Complet
 
 
 @pytest.mark.slow
-def test_cli_converts(tmp_path):
+@pytest.mark.parametrize("repack", REPACK_MODES)
+def test_cli_converts(repack, tmp_path):
+    """Converts and validates on CPU with either bitsandbytes CPU path (the tiny pipeline has
+    layers narrower than a 4-bit block, which the repack path cannot take)."""
+    from qconvert.convert.bnb_cpu import REPACK_ENV, cpu_has_repack_kernel
+
     out = tmp_path / "cli-out"
     r = subprocess.run(
         [sys.executable, "-m", "qconvert.cli", "-q", "flux", "--source", "tiny-flux", "--backend", "bnb",
          "--scheme", "nf4-dq", "--compute-dtype", "bf16", "--out", str(out)],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, REPACK_ENV: repack},
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     manifest = json.loads((out / "qconvert.json").read_text())
@@ -395,6 +517,13 @@ def test_cli_converts(tmp_path):
     assert "bitsandbytes" in manifest["versions"]
     cfg = json.loads((out / "transformer" / "config.json").read_text())["quantization_config"]
     assert cfg["bnb_4bit_use_double_quant"] is True and cfg["bnb_4bit_compute_dtype"] == "bfloat16"
+    report = json.loads((out / "validation.json").read_text())
+    assert report["passed"] is True
+    kernels = report["environment"]["bnb_cpu_kernels"]
+    assert kernels["avx512_bf16"] is cpu_has_repack_kernel()
+    layers = kernels["layers"]
+    assert (layers["repacked"] > 0) == (repack == "auto" and cpu_has_repack_kernel())
+    assert layers["repacked"] + layers["dequantize"] == 4 and layers["reference"] > 0  # tiny-flux: 4 wide layers
 
 
 @pytest.mark.parametrize(

@@ -17,13 +17,45 @@ transformers needs no such override: its ``BitsAndBytesConfig`` loads T5 on CPU 
 
 It patches classes, so it affects every thread of the process while active; it is not
 reentrant across threads (nesting in one thread is fine).
+
+bitsandbytes' CPU paths for 4-bit layers
+-----------------------------------------
+bitsandbytes 0.50 has two CPU paths for a ``Linear4bit``, and both assume whole 64-value
+blocks per weight row (``in % blocksize == 0``), which FLUX.1 and T5-XXL layers all have and
+small models (qconvert's ``tiny-flux``/``slim-flux``, test fixtures) do not:
+
+* on a CPU with AVX512-BF16 (``bitsandbytes.functional.has_avx512bf16()``) the first eval-mode
+  forward without grad repacks the weight (``functional._convert_weight_packed_for_cpu``) for a
+  fused bf16 kernel; the repack reshapes absmax to ``(out, in // blocksize)`` and tiles rows by
+  32, so a narrower layer fails (``RuntimeError: shape '[32, 0]' is invalid for input of size
+  16``);
+* otherwise its C ``dequantize_4bit`` kernel dequantizes per row, which for rows narrower than
+  a block reads the wrong absmax (measured: relative error 0.196 against 0.092 for the same
+  nf4 bytes dequantized block by block, as they were quantized and as CUDA reads them).
+
+:func:`configure_cpu_repack` gives each layer one of three paths: ``repacked`` (the fused
+kernel: wide layers, where the CPU has it), ``dequantize`` (bitsandbytes' C dequantize +
+matmul: wide layers otherwise) and ``reference`` (narrow layers: bitsandbytes' own pure-torch
+dequantizer, ``backends.default.ops._dequantize_4bit_compute``, + matmul — what every CPU
+computes alike). ``QCONVERT_BNB_CPU_REPACK`` = ``auto`` | ``on`` | ``off`` picks between the
+first two; ``on`` needs the instruction set (the fused kernel is the only reader of that
+layout). :func:`load_pipeline_on_cpu` loads a pipeline and does both steps.
 """
 
 from __future__ import annotations
 
+import os
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
+
+from ..errors import DeviceError, UsageError
+
+REPACK_ENV = "QCONVERT_BNB_CPU_REPACK"
+REPACK_MODES = ("auto", "on", "off")
+_REPACK_ROW_TILE = 32  # _convert_weight_packed_for_cpu's block_n: output rows per tile
 
 _QUANTIZERS = ("BnB4BitDiffusersQuantizer", "BnB8BitDiffusersQuantizer")
 
@@ -63,3 +95,123 @@ def allow_bnb_on_cpu() -> Iterator[None]:
 
 
 _MISSING = object()
+
+
+# --- the AVX512-BF16 repack path ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RepackPlan:
+    """The CPU path :func:`configure_cpu_repack` gave each 4-bit layer, counted."""
+
+    mode: str
+    repacked: int  # bitsandbytes' fused AVX512-BF16 kernel on repacked weights
+    dequantize: int  # bitsandbytes' C dequantize + matmul
+    reference: int  # narrow layers: bitsandbytes' pure-torch dequantizer + matmul
+
+
+def cpu_has_repack_kernel() -> bool:
+    """True when bitsandbytes runs its AVX512-BF16 repacked 4-bit kernel on this CPU."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    return bool(has_avx512bf16())
+
+
+def can_repack(shape: Any, blocksize: int) -> bool:
+    """Whether bitsandbytes' CPU kernels handle a 4-bit weight of ``shape`` = (out, in).
+
+    absmax holds one value per block of the flattened weight; the CPU kernels read it per row,
+    which needs whole blocks per row, and the repack tiles rows by 32.
+    """
+    out_features, in_features = (int(d) for d in shape)
+    return in_features >= blocksize and in_features % blocksize == 0 and out_features % _REPACK_ROW_TILE == 0
+
+
+def repack_mode(mode: str | None = None) -> str:
+    """``mode``, else ``$QCONVERT_BNB_CPU_REPACK``, else ``auto``; checked against the CPU."""
+    mode = (mode or os.environ.get(REPACK_ENV) or "auto").strip().lower()
+    if mode not in REPACK_MODES:
+        raise UsageError(f"{REPACK_ENV}={mode!r} is not a repack mode", hint=f"use one of: {', '.join(REPACK_MODES)}")
+    if mode == "on" and not cpu_has_repack_kernel():
+        raise DeviceError(
+            "bitsandbytes' repacked CPU kernel needs a CPU with AVX512-BF16, and this one has none",
+            hint=f"use {REPACK_ENV}=auto or off",
+        )
+    return mode
+
+
+def _reference_forward(layer: Any, x: Any) -> Any:
+    """``Linear4bit.forward`` through bitsandbytes' block-by-block pure-torch dequantizer."""
+    import torch
+    from bitsandbytes.backends.default import ops
+    from bitsandbytes.functional import dequantize_blockwise
+
+    # bitsandbytes wraps it in torch.compile (one recompilation per shape, and a C compiler
+    # for inductor): the function itself is the reference.
+    dequantize = getattr(ops._dequantize_4bit_compute, "__wrapped__", ops._dequantize_4bit_compute)
+
+    if not layer.compute_type_is_set:  # as Linear4bit.forward: compute in the input's dtype
+        layer.set_compute_type(x)
+        layer.compute_type_is_set = True
+    dtype = layer.compute_dtype or x.dtype
+    state = layer.weight.quant_state
+    absmax = dequantize_blockwise(state.absmax, state.state2) + state.offset if state.nested else state.absmax
+    data = layer.weight.data.view(torch.uint8).reshape(-1)
+    weight = dequantize(data, absmax.float(), state.code, state.blocksize, state.shape, dtype)
+    bias = None if layer.bias is None else layer.bias.to(dtype)
+    return torch.nn.functional.linear(x.to(dtype), weight, bias).to(x.dtype)
+
+
+def configure_cpu_repack(model: Any, mode: str | None = None) -> RepackPlan:
+    """Choose bitsandbytes' CPU path for every ``Linear4bit`` of ``model`` (before its first forward).
+
+    Narrow layers always take the reference path. Wide ones: ``auto`` the repacked kernel
+    where the CPU has it, ``on`` the repacked kernel, ``off`` the C dequantize path.
+    """
+    from bitsandbytes.nn import Linear4bit
+
+    mode = repack_mode(mode)
+    wanted = cpu_has_repack_kernel() if mode == "auto" else mode == "on"
+    counts = {"repacked": 0, "dequantize": 0, "reference": 0}
+    for module in model.modules():
+        if not isinstance(module, Linear4bit):
+            continue
+        state = module.weight.quant_state
+        fits = can_repack(state.shape, state.blocksize)
+        module.support_avx512bf16_for_cpu = wanted and fits
+        module.__dict__.pop("forward", None)  # a previous call's reference path
+        if not fits:
+            module.forward = types.MethodType(_reference_forward, module)
+        counts["repacked" if wanted and fits else "dequantize" if fits else "reference"] += 1
+    return RepackPlan(mode, **counts)
+
+
+def describe_cpu_paths(pipe: Any) -> dict[str, Any]:
+    """How many 4-bit layers of a loaded pipeline take each CPU path (for validation.json)."""
+    import torch
+    from bitsandbytes.nn import Linear4bit
+
+    counts = {"repacked": 0, "dequantize": 0, "reference": 0}
+    for component in pipe.components.values():
+        for m in component.modules() if isinstance(component, torch.nn.Module) else ():
+            if isinstance(m, Linear4bit):
+                path = "reference" if "forward" in m.__dict__ else "repacked" if m.support_avx512bf16_for_cpu else "dequantize"
+                counts[path] += 1
+    return {"avx512_bf16": cpu_has_repack_kernel(), "layers": counts}
+
+
+def load_pipeline_on_cpu(path_or_repo_id: Any, dtype: Any = None, *, repack: str | None = None, **kwargs: Any) -> Any:
+    """``FluxPipeline.from_pretrained`` of a bitsandbytes checkpoint on a CPU-only machine.
+
+    Lifts diffusers' GPU-only check while loading, then picks bitsandbytes' CPU path per layer
+    (:func:`configure_cpu_repack`). ``kwargs`` go to ``from_pretrained``.
+    """
+    import torch
+    from diffusers import FluxPipeline
+
+    with allow_bnb_on_cpu():
+        pipe = FluxPipeline.from_pretrained(path_or_repo_id, dtype=dtype or torch.bfloat16, **kwargs)
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            configure_cpu_repack(component, repack)
+    return pipe

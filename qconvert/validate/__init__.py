@@ -187,17 +187,6 @@ def source_dtype(source: Any) -> Any:
     return torch.float32 if dtypes == {"F32"} else torch.bfloat16 if "BF16" in dtypes else torch.float16
 
 
-@contextlib.contextmanager
-def _bnb_cpu_if_needed(manifest: dict[str, Any], device: str) -> Any:
-    if manifest.get("backend") == "bnb" and device == "cpu":
-        from ..convert.bnb_cpu import allow_bnb_on_cpu
-
-        with allow_bnb_on_cpu():
-            yield
-    else:
-        yield
-
-
 def check_loadable(backend: str, options: dict[str, Any], transformer_config: dict[str, Any]) -> None:
     """Raise if diffusers cannot load this output for validation (checked before converting too)."""
     width = int(transformer_config.get("num_attention_heads", 0)) * int(transformer_config.get("attention_head_dim", 0))
@@ -238,9 +227,12 @@ def load_quantized(out: Path, manifest: dict[str, Any], ref_root: Path, *, dtype
                 config=T5Config.from_pretrained(ref_root / "text_encoder_2"), dtype=dtype,
             )  # fmt: skip
         pipe = FluxPipeline.from_pretrained(ref_root, dtype=dtype, **parts)
+    elif manifest.get("backend") == "bnb" and device == "cpu":  # diffusers refuses bnb without a GPU
+        from ..convert.bnb_cpu import load_pipeline_on_cpu
+
+        pipe = load_pipeline_on_cpu(out, dtype=dtype)
     else:
-        with _bnb_cpu_if_needed(manifest, device):
-            pipe = FluxPipeline.from_pretrained(out, dtype=dtype)
+        pipe = FluxPipeline.from_pretrained(out, dtype=dtype)
     if device != "cpu" and manifest.get("backend") != "bnb":
         pipe.to(device)
     elif device != "cpu":
@@ -517,6 +509,11 @@ def validate(
         prompts, steps=steps, size=size, seed=seed, device=dev,
     )  # fmt: skip
     tconfig = dict(q_pipe.transformer.config)
+    bnb_cpu = None
+    if manifest.get("backend") == "bnb" and not on_gpu:  # which of bitsandbytes' CPU kernels ran
+        from ..convert.bnb_cpu import describe_cpu_paths
+
+        bnb_cpu = describe_cpu_paths(q_pipe)
     q_forward = _forward(q_pipe.transformer, transformer_forward_inputs(tconfig, device=dev, dtype=dtype))
     q_t5 = _encode_t5(q_pipe, prompts[0], dev)
     del q_pipe
@@ -583,6 +580,8 @@ def validate(
         "device_name": torch.cuda.get_device_name() if on_gpu else platform.processor() or platform.machine(),
         "versions": library_versions("torchao", "bitsandbytes", "gguf", "torchmetrics"),
     }
+    if bnb_cpu is not None:
+        env["bnb_cpu_kernels"] = bnb_cpu
     settings = {"device": dev, "dtype": str(dtype).replace("torch.", ""), "steps": steps, "size": size,
                 "seed": seed, "prompts": prompts, "reference": src.identity}  # fmt: skip
     report = ValidationReport(out, passed, checks, q_stats, r_stats, quality, settings, env, thresholds)
