@@ -3,8 +3,9 @@
 Set ``QCONVERT_KILL_AT`` to a point name (``after-plan``, ``tensor-<n>`` — before the n-th
 tensor of the run is written, ``before-rename``) and the process SIGKILLs itself there, as a
 power cut or OOM kill would; with ``QCONVERT_KILL_SIGNAL=INT`` it sends itself SIGINT there
-instead (a Ctrl-C at a known moment). Unset (always, outside tests), :func:`point` is a dict
-lookup.
+instead (a Ctrl-C at a known moment), and with ``QCONVERT_KILL_SIGNAL=RAISE`` it raises
+:class:`InjectedFault` (a bug at a known moment: what must not take other work down with it).
+Unset (always, outside tests), :func:`point` is a dict lookup.
 """
 
 from __future__ import annotations
@@ -17,9 +18,15 @@ _SIGNAL_ENV = "QCONVERT_KILL_SIGNAL"
 _counter = {"tensor": 0}
 
 
+class InjectedFault(RuntimeError):
+    """Raised at a fault point with ``QCONVERT_KILL_SIGNAL=RAISE``: stands for a bug."""
+
+
 def point(name: str) -> None:
     target = os.environ.get(_ENV)
     if target and target == name:
+        if os.environ.get(_SIGNAL_ENV) == "RAISE":
+            raise InjectedFault(f"fault injected at {name}")
         sig = signal.SIGINT if os.environ.get(_SIGNAL_ENV) == "INT" else signal.SIGKILL
         os.kill(os.getpid(), sig)
 

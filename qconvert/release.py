@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import QConvertError, UsageError
+from .errors import EXIT_UNEXPECTED, QConvertError, UsageError, redact
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -153,6 +153,13 @@ def load_plan(path: Path | str) -> ReleasePlan:
     if not isinstance(pattern, str):
         raise _plan_error(path, text, "repo_pattern must be a string", "repo_pattern")
     _check_thresholds(path, text, rel.get("thresholds", {}), "[release] thresholds", None)
+    if rel.get("collection") is not None:
+        from .hubnames import check_collection_title
+
+        try:
+            check_collection_title(rel["collection"], "collection")
+        except UsageError as e:
+            raise _plan_error(path, text, f"{e.message} ({e.hint})", "collection") from None
     device = rel.get("device")
     if device is not None:
         from .validate import check_device_name
@@ -282,6 +289,14 @@ def remote_is_current(repo_id: str, source_identity: dict[str, Any], v: Variant,
     )
 
 
+def _record_failure(state: dict[str, Any], workdir: Path, results: list[VariantResult], v: Variant, key: str,
+                    detail: str, exit_code: int, t0: float, log: Any) -> None:
+    state[v.name] = {"fingerprint": key, "status": "failed", "error": detail}
+    _save_state(workdir, state)
+    results.append(VariantResult(v.name, v.repo_id, "failed", detail, time.perf_counter() - t0, exit_code=exit_code))
+    log(f"{v.name}: FAILED: {detail}")
+
+
 def run_release(
     plan: ReleasePlan,
     *,
@@ -350,11 +365,11 @@ def run_release(
             results.append(VariantResult(v.name, v.repo_id, "done", "pushed" if push else "converted + validated",
                                          time.perf_counter() - t0, commit))  # fmt: skip
         except QConvertError as e:
-            state[v.name] = {"fingerprint": key, "status": "failed", "error": e.one_line()}
-            _save_state(workdir, state)
-            results.append(VariantResult(v.name, v.repo_id, "failed", e.one_line(), time.perf_counter() - t0,
-                                         exit_code=e.exit_code))  # fmt: skip
-            log(f"{v.name}: FAILED: {e.one_line()}")
+            _record_failure(state, workdir, results, v, key, e.one_line(), e.exit_code, t0, log)
+        except Exception as e:  # noqa: BLE001 - a bug in one variant must not stop the others
+            detail = redact(" ".join(f"unexpected failure: {type(e).__name__}: {e}".split()))[:400]
+            detail += f" (rerun with --only {v.name} --debug and report it)"
+            _record_failure(state, workdir, results, v, key, detail, EXIT_UNEXPECTED, t0, log)
     report_data = {"plan": str(plan.path), "qconvert_version": __version__, "source": source.identity,
                    "variants": [asdict(r) for r in results]}  # fmt: skip
     (workdir / REPORT_NAME).write_text(json.dumps(report_data, indent=2, sort_keys=True) + "\n")

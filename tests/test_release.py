@@ -81,6 +81,25 @@ def test_a_failed_variant_does_not_stop_the_others_and_sets_the_exit_code(tmp_pa
     assert "needs >= 1000" in line
 
 
+def test_an_unexpected_error_in_one_variant_does_not_stop_the_others(tmp_path):
+    """A bug in the first variant (injected while it converts) fails that variant alone: the
+    later ones run, the state file and the report are written, the exit code is 1."""
+    plan = tmp_path / "plan.toml"
+    plan.write_text(GOOD + '\n[[variant]]\nname = "b"\nbackend = "gguf"\nscheme = "Q8_0"\noptions = { layout = "diffusers" }\n')
+    work = tmp_path / "work"
+    proc = run_cli("-q", "release", str(plan), "--workdir", str(work), "--json",
+                   env={"QCONVERT_KILL_AT": "tensor-1", "QCONVERT_KILL_SIGNAL": "RAISE"})  # fmt: skip
+    line = assert_one_line_error(proc, code=1, contains="1 of 2 variants failed (first: a: unexpected failure: InjectedFault")
+    assert "--only a --debug" in line
+    rows = {r["name"]: r for r in json.loads(proc.stdout)}
+    assert rows["a"]["status"] == "failed" and rows["a"]["exit_code"] == 1 and rows["b"]["status"] == "done"
+    state = json.loads((work / "release-state.json").read_text())
+    assert state["a"]["status"] == "failed" and state["b"]["status"] == "done"
+    report = json.loads((work / "release-report.json").read_text())
+    assert [v["status"] for v in report["variants"]] == ["failed", "done"]
+    assert not (work / "a").exists() and not any(p.name.startswith(".a") for p in work.iterdir())  # nothing half-written
+
+
 def _release(plan, workdir, hub, *extra, env_extra=None):
     env = {"HF_ENDPOINT": hub.endpoint, "HF_TOKEN": hub.token, "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0"}
     env.update(env_extra or {})
