@@ -199,7 +199,15 @@ def test_base_card_license_and_license_file_come_along(local_source, tmp_path):
     assert meta["license"] == "other"
     assert meta["license_name"] == "flux-1-dev-non-commercial-license"
     assert meta["license_link"] == "LICENSE.md"  # relative link: the file is in the output
-    assert "[LICENSE.md](LICENSE.md)" in (out / "README.md").read_text()
+    text = (out / "README.md").read_text()
+    assert "[LICENSE.md](LICENSE.md)" in text
+    # issue 14 item 9: the license paragraph links the included file once, not twice
+    paragraph = text.split("## License", 1)[1]
+    assert paragraph.count("](LICENSE.md)") == 1 and text.count("](LICENSE.md)") == 1
+    # a license that lives elsewhere is linked once too
+    (out / "LICENSE.md").unlink()
+    elsewhere = card_text(out, license="other", license_name="some-license", license_link="https://example.org/l")
+    assert elsewhere.split("## License", 1)[1].count("](https://example.org/l)") == 1
 
 
 def test_hub_cache_paths_name_their_repo():
@@ -230,9 +238,9 @@ def test_hub_source_card_uses_the_base_repo(hub, hub_env, local_source, tmp_path
     assert hub.token not in text
 
 
-def _run_snippets(paths: list[Path], cwd: Path) -> subprocess.CompletedProcess:
+def _run_snippets(paths: list[Path], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run snippet files one after the other in ONE fresh interpreter (imports paid once)."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", DIFFUSERS_VERBOSITY="error")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error", **(env or {})}
     runner = "import runpy, sys\nfor p in sys.argv[1:]:\n    runpy.run_path(p, run_name='__main__')\n"
     return subprocess.run(
         [sys.executable, "-c", runner, *map(str, paths)], cwd=cwd, env=env, capture_output=True, text=True, timeout=400
@@ -287,3 +295,84 @@ def test_gguf_card_for_a_hub_repo_names_a_local_base_by_folder_name_only(local_s
     assert json.dumps(local_source.resolve().as_posix()) in local  # runs here, as written
     hub = card_text(out, license="apache-2.0", repo_id="acme/my-flux-gguf")
     assert str(local_source.parent) not in hub and '"./my-flux"' in extract_usage(hub)
+
+
+def test_full_size_cards_say_what_to_run_on_a_cpu(local_source, int8_out, tmp_path):
+    """Issue 14: 1024x1024 x 28 steps is unusable on a CPU; the card says what to run instead."""
+    from qconvert.cards import CPU_USAGE_MARKER
+
+    out = _convert(str(local_source), "torchao", "int8wo", tmp_path / "int8")
+    text = card_text(out, license="apache-2.0", repo_id="acme/my-flux-int8")
+    main, cpu = extract_usage(text), extract_usage(text, CPU_USAGE_MARKER)
+    assert "num_inference_steps=28" in main and "height=1024" in main
+    assert "### On a CPU\n" in text and "far too slow" in text and "9 minutes" in text
+    assert "num_inference_steps=4" in cpu and "height=256" in cpu and "width=256" in cpu
+    assert "1/16 of the image tokens" in text
+    # the demo's snippet already suits a CPU: no CPU part
+    demo = card_text(int8_out)
+    assert "### On a CPU" not in demo and CPU_USAGE_MARKER not in demo
+
+    # bnb: diffusers refuses it without a GPU; the CPU part loads through qconvert, CPU-sized
+    nf4 = _convert(str(local_source), "bnb", "nf4", tmp_path / "nf4")
+    text = card_text(nf4, license="apache-2.0", repo_id="acme/my-flux-nf4")
+    assert "### On a CPU-only machine" in text and "No GPU found" in text and "`pip install qconvert`" in text
+    assert "far too slow" in text and "needs a CUDA GPU" not in text
+    cpu = extract_usage(text, CPU_USAGE_MARKER)
+    assert cpu.startswith("import torch\nfrom qconvert.convert.bnb_cpu import load_pipeline_on_cpu\n")
+    assert 'pipe = load_pipeline_on_cpu("acme/my-flux-nf4", dtype=torch.bfloat16)' in cpu
+    assert "num_inference_steps=4" in cpu and "height=256" in cpu
+    assert 'pipe.to("cuda")' in extract_usage(text)  # the main snippet stays the GPU one
+
+
+@pytest.mark.slow
+def test_bnb_card_cpu_snippet_runs_on_a_cpu(tmp_path):
+    """bnb cards: diffusers refuses bnb without a GPU; the card's CPU code loads it anyway."""
+    from qconvert.cards import CPU_USAGE_MARKER
+
+    out = _convert("tiny-flux", "bnb", "nf4", tmp_path / "nf4")
+    text = render_card(out).read_text()
+    assert "### On a CPU-only machine" in text and "No GPU found" in text and "`pip install qconvert`" in text
+    code = extract_usage(text, CPU_USAGE_MARKER)
+    assert "from qconvert.convert.bnb_cpu import load_pipeline_on_cpu" in code
+    assert f"pipe = load_pipeline_on_cpu({json.dumps(out.resolve().as_posix())}, dtype=torch.float32)" in code
+    (tmp_path / "bnb_cpu_snippet.py").write_text(code)
+    proc = _run_snippets([tmp_path / "bnb_cpu_snippet.py"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from PIL import Image
+
+    assert Image.open(tmp_path / "flux-nf4.png").size == (32, 32)
+
+
+@pytest.mark.slow
+def test_gguf_snippet_runs_against_hf_endpoint(hub, hub_env, local_source, tmp_path):
+    """Issue 14: from_single_file takes only huggingface.co URLs, so the GGUF snippet downloads
+    through hf_hub_download; pushed to the test Hub and run with HF_ENDPOINT pointing at it."""
+    from qconvert.convert import convert
+    from qconvert.publish import push
+    from qconvert.sources import resolve_source
+
+    base_dir = tmp_path / "base"
+    shutil.copytree(local_source, base_dir)
+    (base_dir / "README.md").write_text("---\nlicense: apache-2.0\nlibrary_name: diffusers\n---\n# base\n")
+    base, repo = "acme/tiny-base-for-gguf-snippet", "acme/tiny-gguf-snippet"
+    hub.seed_repo(base, base_dir)
+    out = tmp_path / "gguf"
+    convert(resolve_source(base, token=hub.token, endpoint=hub.endpoint), "gguf", "Q8_0", out,
+            progress=False, options={"layout": "diffusers"})  # fmt: skip
+    res = push(out, repo, token=hub.token, endpoint=hub.endpoint, allow_unvalidated=True)
+    assert res.committed
+    code = extract_usage(hub.read_file(repo, "README.md").decode())
+    assert 'hf_hub_download(repo, "flux1-' in code and f'base = "{base}"' in code
+    assert f'repo = "{repo}"' in code and "https://" not in code
+    (tmp_path / "gguf_hub_snippet.py").write_text(_small(code))
+    fresh = tmp_path / "user-home"  # a user's empty cache: everything comes from HF_ENDPOINT
+    env = {"HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
+           "HF_HOME": str(fresh), "HF_HUB_CACHE": str(fresh / "hub"), "HF_TOKEN": ""}  # fmt: skip
+    before = hub.count_requests(method="GET", substring=f"/{repo}/resolve/")
+    proc = _run_snippets([tmp_path / "gguf_hub_snippet.py"], tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from PIL import Image
+
+    assert Image.open(tmp_path / "flux-Q8_0.png").size == (32, 32)
+    assert hub.count_requests(method="GET", substring=f"/{repo}/resolve/") > before  # it came from the test Hub
+    assert (fresh / "hub" / f"models--{repo.replace('/', '--')}").is_dir()

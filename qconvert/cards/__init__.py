@@ -10,7 +10,10 @@ and ``validation.json`` (if present) and renders ``template.md`` with huggingfac
   ``[quantized, <backend>, <scheme>, flux, qconvert]``;
 * what was quantized (per component: scheme, bytes before/after) and how;
 * a usage snippet for exactly this output (fenced ```python after the marker comment
-  ``<!-- qconvert:usage -->``) with the ``pip install`` line it needs;
+  ``<!-- qconvert:usage -->``) with the ``pip install`` line it needs, and what to run on a
+  CPU instead (after ``<!-- qconvert:usage-cpu -->``): a small image and few steps for a
+  full-size model, and for bitsandbytes qconvert's CPU loader (diffusers refuses bnb
+  models without a GPU);
 * the validation table (memory, speed, PSNR/SSIM/forward error vs the source, device,
   versions) and the sample grid, or a clear "not validated" statement;
 * how to reproduce it (the ``qconvert flux`` command) and the license.
@@ -53,6 +56,7 @@ __all__ = [
     "CARD_MARKER",
     "CARD_NAME",
     "USAGE_MARKER",
+    "CPU_USAGE_MARKER",
     "TEMPLATE_PATH",
     "card_text",
     "extract_usage",
@@ -61,6 +65,12 @@ __all__ = [
 ]
 
 TEMPLATE_PATH = Path(__file__).with_name("template.md")
+CPU_USAGE_MARKER = "<!-- qconvert:usage-cpu -->"
+# What a CPU can do with a full-size model: a 256x256 image has 1/16 of the image tokens of a
+# 1024x1024 one. Measured (issue 14): one 1024x1024 step of FLUX.1-dev had not finished after
+# 9 minutes on a 2-core CPU, at 19.8 GB of resident memory.
+CPU_SIZE = 256
+CPU_STEPS = 4
 
 SCHEME_TEXT = {
     ("torchao", "int8wo"): "int8 weight-only (torchao `Int8WeightOnlyConfig`)",
@@ -193,7 +203,7 @@ def _method(facts: CardFacts) -> str:
             f"The weights were quantized ahead of time with bitsandbytes {versions.get('bitsandbytes', '')} and "
             "saved in the layout diffusers and transformers write after on-the-fly bitsandbytes quantization "
             "(the quantization config is in each component's `config.json`), so a plain `from_pretrained` loads "
-            "them. Loading bitsandbytes weights needs a CUDA GPU."
+            "them. diffusers loads bitsandbytes weights only on a CUDA GPU; on a CPU-only machine, see *On a CPU-only machine* below."
         )
     layout = (facts.manifest.get("options") or {}).get("layout") or "bfl"
     names = (
@@ -232,21 +242,11 @@ def usage_snippet(facts: CardFacts) -> str:
     dtype = card_dtype(facts.manifest, facts.validation)
     gen = generation_args(facts)
     device = (
-        'pipe.to("cuda")  # bitsandbytes weights need a CUDA GPU'
+        'pipe.to("cuda")  # diffusers loads bitsandbytes weights on a CUDA GPU (no GPU: see below)'
         if facts.backend == "bnb"
         else 'pipe.to("cuda" if torch.cuda.is_available() else "cpu")'
     )
-    call = [
-        "image = pipe(",
-        f"    {json.dumps(DEFAULT_PROMPT)},",
-        f"    num_inference_steps={gen['steps']},",
-        f"    guidance_scale={gen['guidance']},",
-        f"    height={gen['size']},",
-        f"    width={gen['size']},",
-        "    generator=torch.Generator().manual_seed(0),",
-        ").images[0]",
-        f'image.save("flux-{facts.scheme}.png")',
-    ]
+    call = _generate_call(facts, gen)
     if not facts.is_gguf:
         lines = [
             "import torch",
@@ -293,6 +293,67 @@ def usage_snippet(facts: CardFacts) -> str:
         parts += ", text_encoder_2=text_encoder_2"
     lines += [f"pipe = FluxPipeline.from_pretrained(base, {parts}, dtype=dtype)", device]
     return "\n".join(lines + call)
+
+
+def _generate_call(facts: CardFacts, gen: dict[str, Any]) -> list[str]:
+    return [
+        "image = pipe(",
+        f"    {json.dumps(DEFAULT_PROMPT)},",
+        f"    num_inference_steps={gen['steps']},",
+        f"    guidance_scale={gen['guidance']},",
+        f"    height={gen['size']},",
+        f"    width={gen['size']},",
+        "    generator=torch.Generator().manual_seed(0),",
+        ").images[0]",
+        f'image.save("flux-{facts.scheme}.png")',
+    ]
+
+
+def _cpu_args(gen: dict[str, Any]) -> dict[str, Any]:
+    """Generation settings a CPU can finish: the card's own if already small (the demos)."""
+    return {**gen, "size": min(gen["size"], CPU_SIZE), "steps": min(gen["steps"], CPU_STEPS)}
+
+
+def cpu_usage(facts: CardFacts) -> str:
+    """Markdown for CPU users (empty when the main snippet already suits a CPU).
+
+    bitsandbytes: diffusers refuses bnb models without a GPU, so the code loads through
+    qconvert's ``load_pipeline_on_cpu``. Full-size models: a small image and few steps.
+    """
+    gen = generation_args(facts)
+    small = _cpu_args(gen)
+    slow = small != gen
+    if facts.backend != "bnb" and not slow:
+        return ""
+    lines: list[str] = []
+    if slow:
+        lines.append(
+            f"On a CPU, {gen['size']}×{gen['size']} with {gen['steps']} steps is far too slow: one 1024×1024 step "
+            "of FLUX.1-dev had not finished after 9 minutes on a 2-core CPU (19.8 GB resident memory). Try "
+            f"{small['size']}×{small['size']} with {small['steps']} steps first "
+            f"(1/{round((gen['size'] / small['size']) ** 2)} of the image tokens); the whole pipeline must fit in RAM."
+        )
+    if facts.backend == "bnb":
+        repo = facts.repo_id or facts.out.resolve().as_posix()
+        dtype = card_dtype(facts.manifest, facts.validation)
+        lines.append(
+            "diffusers refuses bitsandbytes models on a machine without a CUDA GPU (`RuntimeError: No GPU found`), "
+            "although bitsandbytes runs these layers on a CPU. qconvert's `load_pipeline_on_cpu` lifts that check "
+            "while loading and picks bitsandbytes' CPU kernel for each layer (`pip install qconvert`):"
+        )
+        code = [
+            "import torch",
+            "from qconvert.convert.bnb_cpu import load_pipeline_on_cpu",
+            "",
+            f"pipe = load_pipeline_on_cpu({json.dumps(repo)}, dtype=torch.{dtype})",
+            *_generate_call(facts, small),
+        ]
+    else:
+        lines.append("Replace the `pipe(...)` call above with:")
+        code = _generate_call(facts, small)
+    title = "On a CPU-only machine" if facts.backend == "bnb" else "On a CPU"
+    block = "\n".join(code)
+    return f"### {title}\n\n" + "\n\n".join(lines) + f"\n\n{CPU_USAGE_MARKER}\n```python\n{block}\n```\n"
 
 
 def _usage_note(facts: CardFacts) -> str:
@@ -380,8 +441,8 @@ def _validation(facts: CardFacts) -> dict[str, Any] | None:
     )
     if facts.backend == "bnb" and not device.startswith("cuda"):
         mem_note += (
-            " bitsandbytes has no official CPU support: this CPU check loaded the weights through "
-            "bitsandbytes' own CPU kernels (a validation-only shim); users load them on a CUDA GPU."
+            " diffusers refuses bitsandbytes models without a GPU: this CPU check loaded the weights with "
+            "qconvert's `load_pipeline_on_cpu` (bitsandbytes' own CPU kernels), as shown under Usage."
         )
     n_prompts = len(s.get("prompts") or [])
     setup = (
@@ -431,7 +492,7 @@ def _license_text(facts: CardFacts) -> str:
         if lic.name:
             text += f" ({lic.name})"
         text += "."
-        if lic.link:
+        if lic.link and lic.link not in files:  # an included file is linked once, below
             text += f" See [{lic.link}]({lic.link})."
     if files:
         text += " The license file" + ("s" if len(files) > 1 else "") + " of the base model "
@@ -501,6 +562,7 @@ def card_text(
         install=install_line(m, builtin_base=facts.is_gguf and builtin and "builtin_path" in _base_expr(facts)[1]),
         usage=usage_snippet(facts),
         usage_note=_usage_note(facts),
+        cpu_usage=cpu_usage(facts),
         validation=_validation(facts),
         grid=grid,
         not_validated=not_validated,
@@ -572,10 +634,11 @@ def render_card(
     return path
 
 
-def extract_usage(text: str) -> str:
-    """The usage snippet of a rendered card (the ```python block after the usage marker)."""
-    i = text.find(USAGE_MARKER)
+def extract_usage(text: str, marker: str = USAGE_MARKER) -> str:
+    """The usage snippet of a rendered card (the ```python block after ``marker``: the usage
+    marker, or ``CPU_USAGE_MARKER`` for the CPU one)."""
+    i = text.find(marker)
     if i < 0:
-        raise ValueError("the card has no usage snippet")
+        raise ValueError("the card has no usage snippet" if marker == USAGE_MARKER else f"the card has no {marker}")
     start = text.index("```python\n", i) + len("```python\n")
     return text[start : text.index("\n```", start)] + "\n"
