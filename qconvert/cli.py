@@ -457,7 +457,9 @@ def push_cmd(
     The output must have passed `qconvert validate` (exit 4 otherwise) unless --no-validate.
     README.md is (re-)rendered with the repo id. A pipeline repo mirrors OUT (files OUT lacks
     are deleted); a GGUF repo keeps its other files (one .gguf per scheme side by side).
-    Pushing an unchanged output makes no commit. Failures exit 5 and leave the repo as it was.
+    Pushing an unchanged output makes no commit, nor does one whose only changes are
+    measurements (a re-validation: validation.json, README.md, samples/), which is then not
+    published. Failures exit 5 and leave the repo as it was.
     """
     _quiet_libraries(state.verbose, torch=False)
     from .publish import push
