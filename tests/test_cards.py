@@ -240,7 +240,8 @@ def test_hub_source_card_uses_the_base_repo(hub, hub_env, local_source, tmp_path
 
 def _run_snippets(paths: list[Path], cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run snippet files one after the other in ONE fresh interpreter (imports paid once)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error", **(env or {})}
+    quiet = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error"}
+    env = {**os.environ, **quiet, **(env or {})}
     runner = "import runpy, sys\nfor p in sys.argv[1:]:\n    runpy.run_path(p, run_name='__main__')\n"
     return subprocess.run(
         [sys.executable, "-c", runner, *map(str, paths)], cwd=cwd, env=env, capture_output=True, text=True, timeout=400

@@ -203,7 +203,8 @@ def _method(facts: CardFacts) -> str:
             f"The weights were quantized ahead of time with bitsandbytes {versions.get('bitsandbytes', '')} and "
             "saved in the layout diffusers and transformers write after on-the-fly bitsandbytes quantization "
             "(the quantization config is in each component's `config.json`), so a plain `from_pretrained` loads "
-            "them. diffusers loads bitsandbytes weights only on a CUDA GPU; on a CPU-only machine, see *On a CPU-only machine* below."
+            "them. diffusers loads bitsandbytes weights only on a CUDA GPU; on a CPU-only machine, see "
+            "*On a CPU-only machine* below."
         )
     layout = (facts.manifest.get("options") or {}).get("layout") or "bfl"
     names = (
