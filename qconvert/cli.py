@@ -67,7 +67,7 @@ def _quiet_libraries(verbose: int, *, torch: bool = True) -> None:
     if torch:
         import torch as _torch  # noqa: F401 - torch configures its loggers on import; override after
 
-    for name in ("torchao", "torch", "transformers", "diffusers", "accelerate", "huggingface_hub"):
+    for name in _LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     if torch:  # the libraries' own progress bars (loading weights, pipeline components)
@@ -81,6 +81,33 @@ def _quiet_libraries(verbose: int, *, torch: bool = True) -> None:
             from transformers.utils import logging as transformers_logging
 
             transformers_logging.disable_progress_bar()
+        _hide_gguf_loading_bar()
+
+
+# Loggers of the libraries qconvert drives. A logger without handlers prints WARNING and above
+# through logging's last-resort handler: bitsandbytes ("Failed to load CPU gemm_4bit_forward
+# from kernels-community", logged when its CPU backend is imported, which diffusers and
+# transformers do for every command; "MatMul8bitLt: inputs will be cast" per 8-bit layer call)
+# and torchao ("Failed to load .../_C_mxfp8...so" for kernels built for other devices, at import).
+_LIBRARY_LOGGERS = ("bitsandbytes", "torchao", "torch", "transformers", "diffusers", "accelerate", "huggingface_hub")
+
+
+def _hide_gguf_loading_bar() -> None:
+    """transformers' GGUF loader (T5 from a .gguf file) draws a plain tqdm bar, "Converting and
+    de-quantizing GGUF tensors", which disable_progress_bar() does not reach: give that module a
+    tqdm that starts disabled."""
+    import functools
+    import importlib.util
+
+    if not importlib.util.find_spec("gguf"):  # the loader is only used with gguf installed
+        return
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_loader
+    except ImportError:
+        return
+    bar = getattr(gguf_loader, "tqdm", None)
+    if bar is not None and not isinstance(bar, functools.partial):
+        gguf_loader.tqdm = functools.partial(bar, disable=True)
 
 
 def hub_token() -> str | None:
@@ -200,6 +227,10 @@ def flux(
     stray = [flag for flag, value in push_only.items() if value is not None]
     if stray and not do_push:
         raise UsageError(f"{stray[0]} only applies with --push", hint=f"add --push, or drop {stray[0]}")
+    if collection is not None:  # checked as the Hub would, before an hour of converting
+        from .hubnames import check_collection_title
+
+        check_collection_title(collection)
     if scheme not in SCHEMES[backend]:
         raise UsageError(
             f"unknown {backend} scheme {scheme!r}", hint=f"choose one of: {', '.join(SCHEMES[backend])}"
@@ -241,6 +272,9 @@ def flux(
             from .validate import pick_device
             from .validate.thresholds import load_thresholds
 
+            from .deps import require_for_validation
+
+            require_for_validation(backend)  # the conversion must not end in a missing torchmetrics
             pick_device(device)
             load_thresholds(backend, scheme, file=thresholds_file)
         if do_push:
@@ -461,6 +495,10 @@ def push_cmd(
     measurements (a re-validation: validation.json, README.md, samples/), which is then not
     published. Failures exit 5 and leave the repo as it was.
     """
+    if collection is not None:
+        from .hubnames import check_collection_title
+
+        check_collection_title(collection)
     _quiet_libraries(state.verbose, torch=False)
     from .publish import push
 
@@ -577,10 +615,23 @@ def main(argv: list[str] | None = None) -> int:
             import traceback
 
             traceback.print_exc()
+        mapped = _last_resort(e)
+        if mapped is not None:
+            click.echo(f"error: {mapped.one_line()}", err=True)
+            return mapped.exit_code
         msg = redact(" ".join(f"{type(e).__name__}: {e}".split()))[:400]
         click.echo(f"error: unexpected failure: {msg} (rerun with --debug and report it)", err=True)
         return EXIT_UNEXPECTED
     return 0
+
+
+def _last_resort(e: Exception) -> QConvertError | None:
+    """A file-system failure of a user's making (a full disk, permissions, a read-only mount)
+    that escaped the function doing the I/O: still one line naming the path and the fix.
+    Everything else that reaches here is a bug."""
+    from .errors import os_error
+
+    return os_error(e, "reading or writing files", fix="fix that path (or choose another --out) and run the command again")
 
 
 def run() -> None:

@@ -19,7 +19,10 @@ Exit codes (documented in the README):
 
 from __future__ import annotations
 
+import errno
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 EXIT_OK = 0
 EXIT_UNEXPECTED = 1
@@ -94,6 +97,11 @@ class DiskSpaceError(InputError):
     """Not enough free disk for the planned output."""
 
 
+class FileSystemError(InputError):
+    """A path the command must read or write is refused by the system: permissions, a read-only
+    filesystem, a file where a folder must be, a name too long."""
+
+
 class OutputExists(UsageError):
     """``--out`` exists and ``--overwrite`` was not given."""
 
@@ -112,6 +120,62 @@ class PublishError(QConvertError):
 
 class AuthError(PublishError):
     """Missing, invalid or read-only token."""
+
+
+# --- operating-system errors ---------------------------------------------------------------
+
+# What each errno a user can cause means, in words (the fix is the caller's: it knows the path's
+# role, e.g. "choose another --out"). Any other errno is left alone: it is a bug to report.
+_OS_CAUSES = {
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "the filesystem is read-only",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EISDIR: "the path is a folder, not a file",
+    errno.EEXIST: "a file is in the way",
+    errno.ENAMETOOLONG: "a file or folder name is too long (most filesystems allow 255 bytes per name)",
+    errno.ELOOP: "the path has a symbolic link loop",
+    errno.EIO: "the disk reported an input/output error",
+}
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _paths_of(e: OSError) -> str:
+    names = [str(n) for n in (e.filename, e.filename2) if n is not None]
+    return " -> ".join(names)
+
+
+def os_error(e: BaseException, what: str, *, fix: str) -> QConvertError | None:
+    """The one-line typed error for an OSError a user can fix, or None when it is not one.
+
+    ``what`` says what was being done ("writing the output out/x"); ``fix`` is the remedy for
+    that path ("choose another --out"). HTTP errors of huggingface_hub are OSErrors without an
+    errno: they are not mapped here (their callers know what the request was for).
+    """
+    if not isinstance(e, OSError) or e.errno is None:
+        return None
+    paths = _paths_of(e)
+    where = f": {paths}" if paths else ""
+    if e.errno in _NO_SPACE:
+        return DiskSpaceError(f"no space left on the device while {what}{where}", hint=f"free space or {fix}")
+    cause = _OS_CAUSES.get(e.errno)
+    if cause is None:
+        return None
+    if e.errno in (errno.EACCES, errno.EPERM):
+        fix = f"{fix}, or fix the permissions of {e.filename or 'that path'}"
+    return FileSystemError(f"{cause} while {what}{where}", hint=fix)
+
+
+@contextmanager
+def mapped_os_errors(what: str, *, fix: str) -> Iterator[None]:
+    """Turn the OSErrors a user can fix, raised inside the block, into :func:`os_error`'s errors."""
+    try:
+        yield
+    except OSError as e:
+        mapped = os_error(e, what, fix=fix)
+        if mapped is None:
+            raise
+        raise mapped from None
 
 
 # --- secrets -----------------------------------------------------------------------------

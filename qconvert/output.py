@@ -6,6 +6,7 @@ A killed run leaves only ``.<name>.qconvert-tmp-<pid>`` siblings, never a half-w
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -15,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import DiskSpaceError, InputError, OutputExists
+from .errors import DiskSpaceError, FileSystemError, InputError, OutputExists, mapped_os_errors, os_error
 
 TMP_MARK = ".qconvert-tmp-"
 
@@ -47,7 +48,20 @@ def clean_stale_temporaries(out: Path) -> list[Path]:
     return removed
 
 
+OUT_FIX = "choose another --out"
+
+
 def check_output(out: Path, *, overwrite: bool) -> None:
+    # a stat can fail too: a parent without permission, a name too long for the filesystem
+    with mapped_os_errors(f"checking the output folder {out}", fix=OUT_FIX):
+        _check_output(out, overwrite=overwrite)
+
+
+def _check_output(out: Path, *, overwrite: bool) -> None:
+    where = _existing_ancestor(out)
+    if not where.is_dir():
+        raise FileSystemError(f"{where} is a file, so the output folder {out} cannot be made in it", hint=OUT_FIX)
+    _check_name_length(out, where)
     if out.exists() and not out.is_dir():
         raise OutputExists(f"output {out} exists and is not a folder", hint="choose another --out")
     if out.exists() and not overwrite:
@@ -61,11 +75,34 @@ def check_output(out: Path, *, overwrite: bool) -> None:
         )
 
 
-def check_disk_space(out: Path, needed: int, *, margin: float = 1.1) -> None:
-    parent = out.parent
+def _existing_ancestor(path: Path) -> Path:
+    parent = path.parent
     while not parent.exists():
         parent = parent.parent
-    free = shutil.disk_usage(parent).free
+    return parent
+
+
+def _check_name_length(out: Path, where: Path) -> None:
+    """The output is built in ``.<name>.qconvert-tmp-<pid>-old``: a name the filesystem takes
+    can still be too long for that sibling, and the rename would fail only after converting."""
+    try:
+        limit = os.pathconf(where, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    new_parts = out.absolute().relative_to(where.absolute()).parts[:-1]  # folders still to create
+    tmp_name = f".{out.name}{TMP_MARK}{os.getpid()}-old"
+    if max(len(n.encode()) for n in (*new_parts, tmp_name)) > limit:
+        raise FileSystemError(
+            f"a name in the output path {out} is too long: the filesystem allows {limit} bytes per name, "
+            f"and the output's temporary sibling adds {len(tmp_name) - len(out.name)} characters to its name",
+            hint="choose a shorter --out",
+        )
+
+
+def check_disk_space(out: Path, needed: int, *, margin: float = 1.1) -> None:
+    with mapped_os_errors(f"checking the free space for {out}", fix=OUT_FIX):
+        parent = _existing_ancestor(out)
+        free = shutil.disk_usage(parent).free
     if needed * margin > free:
         from .plan import human_bytes
 
@@ -76,22 +113,103 @@ def check_disk_space(out: Path, needed: int, *, margin: float = 1.1) -> None:
         )
 
 
+def _disk_filled(out: Path, needed: int | None) -> DiskSpaceError:
+    """The disk filled up while writing: the preflight check passed, but the disk is shared or
+    the files took more than their tensor data (headers, filesystem blocks). Name the folder,
+    what is free there now and what the output needs."""
+    from .plan import human_bytes
+
+    parent = _existing_ancestor(out)
+    try:
+        free = f"the {human_bytes(shutil.disk_usage(parent).free)} free there"
+    except OSError:
+        free = "the space free there"
+    size = f" (its tensor data alone: {human_bytes(needed)})" if needed else ""
+    return DiskSpaceError(
+        f"the disk under {parent} filled up while writing {out}: the output needs more than {free}{size}; "
+        "nothing was left behind",
+        hint="free space or choose another --out",
+    )
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """``mkdir -p folder``; returns the folders it created, outermost first."""
+    created = []
+    p = folder
+    while not p.exists():
+        created.append(p)
+        p = p.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    return created[::-1]
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    """Undo :func:`_make_parents` on failure: a failed or interrupted command leaves no empty
+    ``out/`` behind. Only folders it created, innermost first, and only while they are empty
+    (another run may have put its output there meanwhile)."""
+    for p in reversed(folders):
+        try:
+            p.rmdir()
+        except OSError:
+            return
+
+
+def _is_output_error(e: OSError, tmp: Path) -> bool:
+    """Whether an OSError raised while building the output came from writing it (not from
+    reading the source). A bare write() names no file; a copy names both ends."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    names = [n for n in (e.filename, e.filename2) if n is not None]
+    return not names or any(str(n).startswith(str(tmp)) for n in names)
+
+
 @contextmanager
-def atomic_folder(out: Path, *, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary sibling of ``out``; on success it replaces ``out`` atomically."""
+def atomic_folder(out: Path, *, overwrite: bool, needed: int | None = None) -> Iterator[Path]:
+    """Yield a temporary sibling of ``out``; on success it replaces ``out`` atomically.
+
+    On any failure (an error, Ctrl-C) the temporary and the parent folders this call created
+    are removed; an OSError the user can fix (a full disk, permissions, a read-only mount)
+    becomes a one-line error naming ``out``. ``needed``: the planned size, for that message.
+    """
     out = Path(out).absolute()
     check_output(out, overwrite=overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temporaries(out)
+    created: list[Path] = []
     tmp = out.parent / f".{out.name}{TMP_MARK}{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    failure: OSError | None = None
     try:
-        yield tmp
+        with mapped_os_errors(f"creating the output folder {out}", fix=OUT_FIX):
+            created = _make_parents(out.parent)
+            clean_stale_temporaries(out)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        try:
+            yield tmp
+            _replace(out, tmp)
+        except OSError as e:
+            if not _is_output_error(e, tmp):
+                raise
+            failure = e  # reported after the clean-up: its message says what is free then
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _clean_up(tmp, created)
         raise
+    if failure is not None:
+        _clean_up(tmp, created)
+        raise _write_error(failure, out, needed) from None
+
+
+def _clean_up(tmp: Path, created: list[Path]) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+    _remove_if_empty(created)
+
+
+def _write_error(e: OSError, out: Path, needed: int | None) -> Exception:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return _disk_filled(out, needed)
+    return os_error(e, f"writing the output {out}", fix=OUT_FIX) or e
+
+
+def _replace(out: Path, tmp: Path) -> None:
     if out.exists():
         old = out.parent / f".{out.name}{TMP_MARK}{os.getpid()}-old"
         os.rename(out, old)

@@ -33,6 +33,8 @@ from .errors import (
     NotAFluxModel,
     SourceNotFound,
     UsageError,
+    mapped_os_errors,
+    os_error,
     transport_errors,
 )
 
@@ -55,6 +57,9 @@ class HeaderEntry:
     shape: tuple[int, ...]
 
 
+SOURCE_FIX = "make the source readable, or pass another --source"
+
+
 def read_safetensors_header(path: Path) -> tuple[dict[str, HeaderEntry], dict[str, str]]:
     """Parse and check a safetensors header without reading tensor data.
 
@@ -62,6 +67,12 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, HeaderEntry], dict[st
     whose offsets do not match its dtypes and shapes.
     """
     path = Path(path)
+    # a source the user cannot read (permissions, a dying disk) is theirs to fix, not a bug
+    with mapped_os_errors(f"reading the source file {path}", fix=SOURCE_FIX):
+        return _read_safetensors_header(path)
+
+
+def _read_safetensors_header(path: Path) -> tuple[dict[str, HeaderEntry], dict[str, str]]:
     size = path.stat().st_size
     # component files read as "transformer/diffusion_pytorch_model.safetensors"; a file given
     # on its own as the path the user typed
@@ -328,6 +339,11 @@ def load_pipeline_folder(root: Path, *, spec: str, kind: str, identity: dict[str
 
 def _folder_fingerprint(root: Path) -> str:
     """A cheap identity for a local folder: names, sizes and safetensors headers."""
+    with mapped_os_errors(f"reading the source folder {root}", fix=SOURCE_FIX):
+        return _fingerprint(root)
+
+
+def _fingerprint(root: Path) -> str:
     h = hashlib.sha256()
     for p in sorted(root.rglob("*")):
         # skip huggingface_hub's download cache *inside* the folder, not a folder that itself
@@ -460,14 +476,44 @@ def download_hub_source(
             f"cannot download {repo_id}: the Hub is not reachable", hint="check the network or HF_ENDPOINT"
         ) from None
     except HfHubHTTPError as e:
-        status = getattr(getattr(e, "response", None), "status_code", "?")
-        raise InputError(f"downloading {repo_id} failed (HTTP {status})", hint="retry later") from None
-    except (OSError, *transport_errors()) as e:
-        raise InputError(
-            f"cannot reach the Hub to download {repo_id} ({type(e).__name__})",
-            hint="check the network or HF_ENDPOINT; with HF_HUB_OFFLINE=1 a repo in the local cache is used",
-        ) from None
+        raise _download_http_error(repo_id, e) from None
+    except OSError as e:
+        # the download writes into the Hub cache: a full disk or an unwritable cache is the
+        # user's to fix there, not a network problem
+        mapped = os_error(e, f"downloading {repo_id} into the Hub cache", fix=CACHE_FIX)
+        if mapped is not None:
+            raise mapped from None
+        raise _unreachable(repo_id, e) from None
+    except transport_errors() as e:
+        raise _unreachable(repo_id, e) from None
     return Path(folder), sha
+
+
+CACHE_FIX = "point HF_HOME (or HF_HUB_CACHE) at a disk with room that you can write to"
+TOKEN_FIX = ("set HF_TOKEN to a valid token (https://huggingface.co/settings/tokens) or run `hf auth login`; "
+             "a public repo needs none: unset HF_TOKEN")
+
+
+def _download_http_error(repo_id: str, e: Exception) -> InputError:
+    """What an HTTP status means for a download, and what the user can do about it."""
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    if status == 401:
+        return InputError(f"the Hub rejected the token while downloading {repo_id} (HTTP 401)", hint=TOKEN_FIX)
+    if status == 403:
+        return InputError(
+            f"the token may not read {repo_id} (HTTP 403)",
+            hint="use a token with read access to it (a fine-grained token needs the repo or its org), or accept its terms on its Hub page",
+        )
+    if status == 429:
+        return InputError(f"the Hub is rate-limiting downloads of {repo_id} (HTTP 429)", hint="wait a few minutes, or set HF_TOKEN (logged-in limits are higher)")
+    return InputError(f"downloading {repo_id} failed (HTTP {status or '?'})", hint="retry later")
+
+
+def _unreachable(repo_id: str, e: BaseException) -> InputError:
+    return InputError(
+        f"cannot reach the Hub to download {repo_id} ({type(e).__name__})",
+        hint="check the network or HF_ENDPOINT; with HF_HUB_OFFLINE=1 a repo in the local cache is used",
+    )
 
 
 def resolve_source(

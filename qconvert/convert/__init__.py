@@ -183,7 +183,7 @@ def convert(
 
     total = sum(c.bytes_in for c in plan.components if c.action == "quantize")
     seconds: dict[str, float] = {}
-    with atomic_folder(out, overwrite=overwrite) as tmp:
+    with atomic_folder(out, overwrite=overwrite, needed=plan.bytes_out) as tmp:
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not progress, leave=False)
         try:
             with TensorReader() as reader:

@@ -486,6 +486,9 @@ def validate(
     from ..output import read_manifest
 
     manifest = read_manifest(out)
+    from ..deps import require_for_validation
+
+    require_for_validation(manifest["backend"])  # before minutes of loading and generating
     dev = pick_device(device)
     on_gpu = dev.startswith("cuda")
     steps = 4 if steps is None else steps
