@@ -71,3 +71,28 @@ def test_ctrl_c_at_a_random_moment_exits_130(tmp_path, tiny_path):
     assert "Traceback" not in err and "interrupted" in err
     assert not out.exists()
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("point", ["tensor-20", "before-rename"])
+def test_ctrl_c_removes_the_parent_folders_the_command_created(point, tmp_path, tiny_path):
+    """--out out/sub/x where out/ did not exist: after a Ctrl-C the command leaves no empty
+    out/sub/ behind, and a folder that was there before (tmp_path, a file in it) is kept."""
+    (tmp_path / "keep.txt").write_text("mine")
+    out = tmp_path / "out" / "sub" / "x"
+    env = dict(os.environ, QCONVERT_KILL_AT=point, QCONVERT_KILL_SIGNAL="INT")
+    proc = subprocess.run([sys.executable, "-m", "qconvert.cli", *ARGS, "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 130, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+
+
+def test_parent_folders_that_hold_something_else_are_kept(tmp_path, tiny_path):
+    """Only empty folders are removed: another file put in out/ meanwhile keeps it."""
+    from qconvert.output import atomic_folder
+
+    out = tmp_path / "out" / "x"
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_folder(out, overwrite=False):
+            (tmp_path / "out" / "other-run.txt").write_text("someone else's")
+            raise KeyboardInterrupt
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["other-run.txt"]
