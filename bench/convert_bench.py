@@ -200,7 +200,7 @@ def _mem_total() -> int:
 
 
 def _versions() -> dict:
-    from qconvert.convert import library_versions
+    from qconvert.manifest import library_versions
 
     return library_versions("torchao", "bitsandbytes", "gguf")
 

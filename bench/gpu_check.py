@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    from qconvert.convert import library_versions
+    from qconvert.manifest import library_versions
 
     RESULT.update({
         "device": device, "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",

@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", type=Path, default=HERE / "validate_demo.json")
     a = ap.parse_args(argv)
-    from qconvert.convert import convert, library_versions
+    from qconvert.convert import convert
+    from qconvert.manifest import library_versions
     from qconvert.sources import resolve_source
     from qconvert.validate import validate
 

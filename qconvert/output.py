@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import DiskSpaceError, FileSystemError, InputError, OutputExists, mapped_os_errors, os_error
+from .errors import DiskSpaceError, FileSystemError, OutputExists, mapped_os_errors, os_error
 
 TMP_MARK = ".qconvert-tmp-"
 
@@ -286,19 +286,11 @@ def public_file(name: str, data: bytes) -> bytes:
     return json_bytes(doc)
 
 
-def read_manifest(out: Path) -> dict[str, Any]:
-    from .convert import MANIFEST_NAME
-
-    out = Path(out)
-    if not out.is_dir():
-        raise InputError(f"{out} is not a folder", hint="pass the --out folder of a qconvert conversion")
-    path = out / MANIFEST_NAME
-    if not path.is_file():
-        raise InputError(f"{out} has no {MANIFEST_NAME}: not a qconvert output", hint="convert with `qconvert flux` first")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        raise InputError(f"{path} is not readable JSON", hint="convert again") from None
-    if not isinstance(data, dict) or not {"backend", "scheme", "source", "components"} <= set(data):
-        raise InputError(f"{path} is not a qconvert manifest", hint="convert again")
-    return data
+def copy_license_files(src_root: Path, dst: Path) -> list[Path]:
+    """Copy the source's LICENSE* files (the card links them)."""
+    out = []
+    for p in sorted(src_root.glob("LICENSE*")):
+        if p.is_file():
+            copy_file(p, dst / p.name)
+            out.append(dst / p.name)
+    return out

@@ -50,7 +50,8 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .output import PUBLIC_FILES, public_file, read_manifest, sha256_of
+from .manifest import read_manifest
+from .output import PUBLIC_FILES, public_file, sha256_of
 from .errors import (
     AuthError,
     InputError,

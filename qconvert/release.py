@@ -270,7 +270,7 @@ def remote_is_current(repo_id: str, source_identity: dict[str, Any], v: Variant,
         return False
     except HfHubHTTPError:
         return False
-    from .convert import manifest_options
+    from .manifest import manifest_options
 
     from .output import public_identity
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError, UsageError
-from ..output import read_manifest
+from ..manifest import read_manifest
 from .data import (
     CARD_MARKER,
     CARD_NAME,

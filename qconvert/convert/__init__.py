@@ -7,15 +7,15 @@ that ``qconvert --help`` stays instant.
 from __future__ import annotations
 
 import importlib
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import __version__, faults, flux
+from .. import faults, flux
 from ..errors import CorruptCheckpoint, UsageError
-from ..output import atomic_folder, check_disk_space, check_output, copy_file, copy_tree, sha256_of, write_json
+from ..manifest import MANIFEST_NAME, build_manifest
+from ..output import atomic_folder, check_disk_space, check_output, copy_file, copy_license_files, copy_tree, write_json
 from ..plan import ComponentPlan, Plan
 from ..sources import Source, TensorReader
 
@@ -45,9 +45,6 @@ OPTIONS: dict[str, tuple[str, ...]] = {
 
 CLI_OPTIONS = frozenset({"jobs", "max_shard_size", "compute_dtype", "layout"})  # the rest: API / plans only
 
-MANIFEST_NAME = "qconvert.json"
-RUNTIME_OPTIONS = frozenset({"jobs", "pool"})
-MANIFEST_FORMAT = 1
 
 
 def check_options(backend: str, options: dict[str, Any]) -> None:
@@ -127,18 +124,6 @@ class ConvertResult:
     plan: Plan
     manifest: dict[str, Any]
     seconds: dict[str, float] = field(default_factory=dict)
-
-
-def library_versions(*extra: str) -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version(), "qconvert": __version__}
-    for pkg in ("torch", "diffusers", "transformers", "huggingface_hub", "safetensors", *extra):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return dict(sorted(out.items()))
 
 
 def _check_finite(name: str, tensor: Any) -> None:
@@ -225,69 +210,3 @@ def _write_pipeline(
     written["_root"] = [tmp / "model_index.json"]
     written["_root"] += copy_license_files(source.root, tmp)
     return written
-
-
-def copy_license_files(src_root: Path, dst: Path) -> list[Path]:
-    out = []
-    for p in sorted(src_root.glob("LICENSE*")):
-        if p.is_file():
-            copy_file(p, dst / p.name)
-            out.append(dst / p.name)
-    return out
-
-
-def manifest_options(options: dict[str, Any], components: tuple[str, ...]) -> dict[str, Any]:
-    """The options as ``qconvert.json`` records them: those that change what is written.
-
-    Options that change how fast, not what is written (``RUNTIME_OPTIONS``), stay out: the
-    manifest, like every other file, must not depend on them.
-    """
-    opts = {k: v for k, v in sorted(options.items()) if v is not None and k not in RUNTIME_OPTIONS}
-    opts["components"] = list(components)
-    return opts
-
-
-def build_manifest(
-    source: Source,
-    plan: Plan,
-    backend: Any,
-    root: Path,
-    written: dict[str, list[Path]],
-    components: tuple[str, ...],
-    options: dict[str, Any],
-) -> dict[str, Any]:
-    comps: dict[str, Any] = {}
-    for cp in plan.components:
-        files = written.get(cp.name, [])
-        entries = {
-            p.relative_to(root).as_posix(): {"size": p.stat().st_size, "sha256": sha256_of(p)}
-            for p in sorted(files)
-        }
-        comps[cp.name] = {
-            "action": cp.action,
-            "scheme": cp.scheme,
-            "tensors": len(cp.tensors),
-            "quantized_tensors": cp.quantized_count,
-            "bytes_in": cp.bytes_in,
-            "bytes_out": sum(e["size"] for e in entries.values()),
-            "files": entries,
-        }
-    other = {
-        p.relative_to(root).as_posix(): {"size": p.stat().st_size, "sha256": sha256_of(p)}
-        for p in sorted(written.get("_root", []))
-    }
-    return {
-        "format": MANIFEST_FORMAT,
-        "tool": "qconvert",
-        "qconvert_version": __version__,
-        "source": source.identity,
-        "backend": plan.backend,
-        "scheme": plan.scheme,
-        "layout": plan.layout,
-        "options": manifest_options(options, components),
-        "components": comps,
-        "files": other,
-        "bytes_in": plan.bytes_in,
-        "bytes_out": sum(c["bytes_out"] for c in comps.values()) + sum(e["size"] for e in other.values()),
-        "versions": library_versions(backend.package) if backend.package else library_versions(),
-    }

@@ -557,7 +557,7 @@ class GGUFBackend(Backend):
         check_tensor: Callable[[str, Any], None],
         seconds: dict[str, float],
     ) -> dict[str, list[Path]]:
-        from . import copy_license_files
+        from ..output import copy_license_files
 
         name = short_name(source.identity, source.root)
         written: dict[str, list[Path]] = {}

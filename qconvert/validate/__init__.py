@@ -483,7 +483,7 @@ def validate(
     import torch
 
     out = Path(out)
-    from ..output import read_manifest
+    from ..manifest import read_manifest
 
     manifest = read_manifest(out)
     from ..deps import require_for_validation
@@ -576,7 +576,7 @@ def validate(
                             q_stats.step_s <= thresholds.max_step_time, "seconds per denoising step"))
     passed = all(c.passed for c in checks)
 
-    from ..convert import library_versions
+    from ..manifest import library_versions
 
     env = {
         "device": dev,
