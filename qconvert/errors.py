@@ -10,7 +10,7 @@ Exit codes (documented in the README):
 0     success
 1     unexpected error (a bug: please report it)
 2     usage: bad option, unknown backend/scheme
-3     input: missing/corrupt source, not a Flux model, missing dependency, no disk
+3     input: missing/corrupt source, not a Flux model, missing dependency, no disk, a path the OS refuses
 4     validation failed
 5     publishing failed
 130   interrupted (Ctrl-C)
