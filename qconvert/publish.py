@@ -331,23 +331,35 @@ def remote_state(api: Any, repo_id: str, *, endpoint: str | None) -> RemoteState
     return RemoteState(True, info.sha, bool(info.private), files)
 
 
-def _same(local_path: Path | None, data: bytes | None, size: int, sha256: str | None, sibling: Any) -> bool:
+@dataclass(frozen=True)
+class LocalFile:
+    """One file as it will be published: on disk (``path``) or rendered in memory (``data``)."""
+
+    size: int
+    sha256: str | None  # from qconvert.json where it lists the file
+    path: Path | None = None
+    data: bytes | None = None
+
+
+def _same(local: LocalFile, sibling: Any) -> bool:
     """Is the local file identical to the remote sibling (sha256 for LFS, git blob id otherwise)?"""
     if sibling is None:
         return False
-    if sibling.size is not None and sibling.size != size:
+    if sibling.size is not None and sibling.size != local.size:
         return False
     lfs = getattr(sibling, "lfs", None)
     if lfs is not None:
         remote = lfs.get("sha256") if isinstance(lfs, dict) else getattr(lfs, "sha256", None)
+        sha256 = local.sha256
         if sha256 is None:
-            sha256 = hashlib.sha256(data).hexdigest() if data is not None else sha256_of(local_path)  # type: ignore[arg-type]
+            sha256 = hashlib.sha256(local.data).hexdigest() if local.data is not None else sha256_of(local.path)  # type: ignore[arg-type]
         return remote == sha256
     if sibling.blob_id is None:
         return False
+    data = local.data
     if data is None:
-        assert local_path is not None
-        data = local_path.read_bytes()
+        assert local.path is not None
+        data = local.path.read_bytes()
     return git_blob_id(data) == sibling.blob_id
 
 
@@ -426,7 +438,7 @@ def _commit_with_retries(
     message: str,
     description: str,
     parent: str | None,
-    target: dict[str, tuple[int, str | None, Path | None, bytes | None]],
+    target: dict[str, LocalFile],
     deletions: list[str],
     endpoint: str | None,
     info: Any,
@@ -452,7 +464,7 @@ def _commit_with_retries(
             now = remote_state(api, repo_id, endpoint=endpoint)
             if now.head != parent:
                 # The commit may have landed even though its answer was lost.
-                done = all(_same(p, d, size, sha, now.files.get(path)) for path, (size, sha, p, d) in target.items())
+                done = all(_same(f, now.files.get(path)) for path, f in target.items())
                 done = done and not any(path in now.files for path in deletions)
                 if done:
                     return str(now.head)
@@ -487,9 +499,6 @@ def push(
     """Publish the output folder ``out`` as the model repo ``repo_id`` (see the module docstring)."""
     register_secret(token)
     log = info or (lambda msg: None)
-    from .cards import CARD_NAME, card_text, is_generated_card
-    from .cards.data import read_validation
-
     out = Path(out)
     _check_repo_id(repo_id, "--repo-id")
     if collection is not None and not collection.strip():
@@ -500,18 +509,55 @@ def push(
         # never delete the siblings. A pipeline folder repo mirrors the output exactly.
         keep_remote_files = manifest.get("layout") == "gguf"
     validated = validation_state(out, allow_unvalidated=allow_unvalidated)
-    validation = read_validation(out)
-
-    # The card: rendered (in memory for a dry run) unless the folder has a hand-written one.
-    readme = out / CARD_NAME
-    card: str | None = None
     notes: list[str] = []
-    if not readme.is_file() or is_generated_card(readme):
-        card = card_text(out, repo_id=repo_id, token=token, endpoint=endpoint)
-    else:
-        notes.append("README.md is hand-written (no qconvert marker): published as it is")
+    card = _card(out, repo_id, notes, token=token, endpoint=endpoint)
+    target = _local_files(out, manifest, card)
 
-    # Local files and their identities (sha256 from the manifest where it lists them).
+    from huggingface_hub import HfApi, constants
+
+    api = HfApi(endpoint=endpoint, token=token)
+    _check_token(api, token, repo_id, endpoint=endpoint)
+    remote = remote_state(api, repo_id, endpoint=endpoint)
+    if remote.exists and remote.private is not None and remote.private != private:
+        notes.append(f"the repo exists and is {'private' if remote.private else 'public'}; its visibility was left as it is")
+    files, kept = _plan_files(target, remote, keep_remote_files)
+    result = PushResult(
+        repo_id=repo_id, url=f"{(endpoint or constants.ENDPOINT).rstrip('/')}/{repo_id}",
+        private=remote.private if remote.exists and remote.private is not None else private, dry_run=dry_run,
+        commit_message=redact(commit_message or default_commit_message(manifest)), files=files,
+        repo_exists=remote.exists, collection=collection, validated=validated, notes=notes, commit=remote.head,
+        measurements_kept=kept,
+    )  # fmt: skip
+    if dry_run:
+        return result
+    _write_card(out, card, target)
+    if not remote.exists:
+        remote = _create_repo(api, result, target, keep_remote_files, private=private, endpoint=endpoint, log=log)
+    if result.uploads or result.deletions:
+        _commit(api, out, manifest, result, target, remote, endpoint=endpoint, log=log)
+    result.repo_exists = True
+    if collection:
+        from .cards.data import read_validation
+
+        _update_collection(api, result, manifest, read_validation(out), endpoint=endpoint)
+    return result
+
+
+def _card(out: Path, repo_id: str, notes: list[str], *, token: str | None, endpoint: str | None) -> str | None:
+    """The card to publish, rendered for ``repo_id``; None when the folder has a hand-written one."""
+    from .cards import CARD_NAME, card_text, is_generated_card
+
+    readme = out / CARD_NAME
+    if readme.is_file() and not is_generated_card(readme):
+        notes.append("README.md is hand-written (no qconvert marker): published as it is")
+        return None
+    return card_text(out, repo_id=repo_id, token=token, endpoint=endpoint)
+
+
+def _local_files(out: Path, manifest: dict[str, Any], card: str | None) -> dict[str, LocalFile]:
+    """Every file to publish, checked against the sizes qconvert.json recorded."""
+    from .cards import CARD_NAME
+
     known = _manifest_hashes(manifest)
     names = local_files(out)
     if card is not None and CARD_NAME not in names:
@@ -519,112 +565,92 @@ def push(
     missing = sorted(set(known) - set(names))
     if missing:
         raise InputError(f"{out} is incomplete: {missing[0]} is listed in qconvert.json but missing", hint="convert again")
-    target: dict[str, tuple[int, str | None, Path | None, bytes | None]] = {}
+    target: dict[str, LocalFile] = {}
     for name in names:
         if name == CARD_NAME and card is not None:
             data = card.encode("utf-8")
-            target[name] = (len(data), None, None, data)
+        elif name in PUBLIC_FILES:  # local source paths reduced to folder/file names
+            data = public_file(name, (out / name).read_bytes())
+        else:
+            size, entry = (out / name).stat().st_size, known.get(name)
+            if entry is not None and entry.get("size") != size:
+                raise InputError(f"{out / name} changed after conversion (its size differs from qconvert.json)", hint="convert again")
+            target[name] = LocalFile(size, entry.get("sha256") if entry else None, path=out / name)
             continue
-        p = out / name
-        if name in PUBLIC_FILES:  # local source paths reduced to folder/file names
-            data = public_file(name, p.read_bytes())
-            target[name] = (len(data), None, None, data)
-            continue
-        size = p.stat().st_size
-        entry = known.get(name)
-        if entry is not None and entry.get("size") != size:
-            raise InputError(f"{out / name} changed after conversion (its size differs from qconvert.json)", hint="convert again")
-        target[name] = (size, entry.get("sha256") if entry else None, p, None)
+        target[name] = LocalFile(len(data), None, data=data)
+    return target
 
-    from huggingface_hub import HfApi, constants
 
-    api = HfApi(endpoint=endpoint, token=token)
-    base_url = (endpoint or constants.ENDPOINT).rstrip("/")
-    message = redact(commit_message or default_commit_message(manifest))
-    _check_token(api, token, repo_id, endpoint=endpoint)
-    remote = remote_state(api, repo_id, endpoint=endpoint)
-    if remote.exists and remote.private is not None and remote.private != private:
-        notes.append(
-            f"the repo exists and is {'private' if remote.private else 'public'}; its visibility was left as it is"
-        )
+def _plan_files(target: dict[str, LocalFile], state: RemoteState, keep_remote_files: bool) -> tuple[list[FileEntry], bool]:
+    """Each file's action, and whether only measurements differ (then all are kept)."""
+    entries = [FileEntry(path, f.size, "unchanged" if _same(f, state.files.get(path)) else "upload")
+               for path, f in target.items()]  # fmt: skip
+    if not keep_remote_files:
+        for path, sib in sorted(state.files.items()):
+            if path not in target and path not in KEEP_REMOTE:
+                entries.append(FileEntry(path, int(sib.size or 0), "delete"))
+    changed = [e for e in entries if e.action != "unchanged"]
+    if any(e.path == "validation.json" for e in changed) and all(
+        e.action == "upload" and _is_measurement(e.path) and e.path in state.files for e in changed
+    ):
+        # Same weights and manifest; only a re-validation's timings (and the card and samples
+        # that show them) differ. That is not a new release: keep the published files, so
+        # re-running an identical conversion changes nothing on the Hub.
+        return [FileEntry(e.path, e.size, "unchanged") for e in entries], True
+    return entries, False
 
-    def plan(state: RemoteState) -> tuple[list[FileEntry], bool]:
-        """Each file's action, and whether only measurements differ (then all are kept)."""
-        entries = [
-            FileEntry(path, size, "unchanged" if _same(p, d, size, sha, state.files.get(path)) else "upload")
-            for path, (size, sha, p, d) in target.items()
-        ]
-        if not keep_remote_files:
-            for path, sib in sorted(state.files.items()):
-                if path not in target and path not in KEEP_REMOTE:
-                    entries.append(FileEntry(path, int(sib.size or 0), "delete"))
-        changed = [e for e in entries if e.action != "unchanged"]
-        if (
-            any(e.path == "validation.json" for e in changed)
-            and all(e.action == "upload" and _is_measurement(e.path) and e.path in state.files for e in changed)
-        ):
-            # Same weights and manifest; only a re-validation's timings (and the card and
-            # samples that show them) differ. That is not a new release: keep the published
-            # files, so re-running an identical conversion changes nothing on the Hub.
-            return [FileEntry(e.path, e.size, "unchanged") for e in entries], True
-        return entries, False
 
-    files, kept = plan(remote)
-    result = PushResult(
-        repo_id=repo_id, url=f"{base_url}/{repo_id}", private=remote.private if remote.exists and remote.private is not None else private,
-        dry_run=dry_run, commit_message=message, files=files, repo_exists=remote.exists,
-        collection=collection, validated=validated, notes=notes, commit=remote.head, measurements_kept=kept,
-    )  # fmt: skip
-    if dry_run:
-        return result
+def _write_card(out: Path, card: str | None, target: dict[str, LocalFile]) -> None:
+    from .cards import CARD_NAME
 
+    readme = out / CARD_NAME
     if card is not None and (not readme.is_file() or readme.read_text(encoding="utf-8") != card):
         readme.write_text(card, encoding="utf-8")
-        target[CARD_NAME] = (len(card.encode("utf-8")), None, readme, None)
+        target[CARD_NAME] = LocalFile(len(card.encode("utf-8")), None, path=readme)
 
-    if not remote.exists:
-        log(f"creating {'private' if private else 'public'} repo {repo_id}")
-        try:
-            api.create_repo(repo_id, private=private, exist_ok=True)
-        except Exception as e:  # noqa: BLE001
-            raise hub_error(e, f"creating {repo_id}", repo_id=repo_id, endpoint=endpoint) from None
-        remote = remote_state(api, repo_id, endpoint=endpoint)
-        result.files, result.measurements_kept = plan(remote)
-        result.private = remote.private if remote.private is not None else private
 
-    if result.uploads or result.deletions:
-        from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+def _create_repo(api: Any, result: PushResult, target: dict[str, LocalFile], keep_remote_files: bool, *,
+                 private: bool, endpoint: str | None, log: Any) -> RemoteState:
+    log(f"creating {'private' if private else 'public'} repo {result.repo_id}")
+    try:
+        api.create_repo(result.repo_id, private=private, exist_ok=True)
+    except Exception as e:  # noqa: BLE001
+        raise hub_error(e, f"creating {result.repo_id}", repo_id=result.repo_id, endpoint=endpoint) from None
+    remote = remote_state(api, result.repo_id, endpoint=endpoint)
+    result.files, result.measurements_kept = _plan_files(target, remote, keep_remote_files)
+    result.private = remote.private if remote.private is not None else private
+    return remote
 
-        ops: list[Any] = []
-        for f in result.uploads:
-            size, sha, p, d = target[f.path]
-            op = CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=str(p) if p is not None else d)
-            actual = op.upload_info.sha256.hex()
-            if sha is not None and actual != sha:
-                raise InputError(
-                    f"{out / f.path} changed after conversion (its sha256 differs from qconvert.json)",
-                    hint="convert again",
-                )
-            ops.append(op)
-        ops += [CommitOperationDelete(path_in_repo=f.path) for f in result.deletions]
-        description = _commit_description(manifest, validated, result)
-        log(f"pushing {len(result.uploads)} file(s) to {repo_id} in one commit")
-        result.commit = _commit_with_retries(
-            api, repo_id, ops, message=message, description=description, parent=remote.head, target=target,
-            deletions=[f.path for f in result.deletions], endpoint=endpoint, info=log,
-        )  # fmt: skip
-        result.committed = True
-    result.repo_exists = True
 
-    if collection:
-        # The note describes what the repo holds now: the kept (published) measurements when
-        # the local ones were not published, so it never shows numbers the card does not.
-        published = _published_validation(api, repo_id, result.commit) if result.measurements_kept else validation
-        note = None if published is _UNREADABLE else collection_note(manifest, published)
-        result.collection_slug, result.collection_action, result.collection_note = _add_to_collection(
-            api, collection, repo_id, note, endpoint=endpoint
-        )
-    return result
+def _commit(api: Any, out: Path, manifest: dict[str, Any], result: PushResult, target: dict[str, LocalFile],
+            remote: RemoteState, *, endpoint: str | None, log: Any) -> None:
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+    ops: list[Any] = []
+    for f in result.uploads:
+        local = target[f.path]
+        op = CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=str(local.path) if local.path is not None else local.data)
+        if local.sha256 is not None and op.upload_info.sha256.hex() != local.sha256:
+            raise InputError(f"{out / f.path} changed after conversion (its sha256 differs from qconvert.json)", hint="convert again")
+        ops.append(op)
+    ops += [CommitOperationDelete(path_in_repo=f.path) for f in result.deletions]
+    log(f"pushing {len(result.uploads)} file(s) to {result.repo_id} in one commit")
+    result.commit = _commit_with_retries(
+        api, result.repo_id, ops, message=result.commit_message, description=_commit_description(manifest, result.validated, result),
+        parent=remote.head, target=target, deletions=[f.path for f in result.deletions], endpoint=endpoint, info=log,
+    )  # fmt: skip
+    result.committed = True
+
+
+def _update_collection(api: Any, result: PushResult, manifest: dict[str, Any], validation: Any, *,
+                       endpoint: str | None) -> None:
+    # The note describes what the repo holds now: the kept (published) measurements when the
+    # local ones were not published, so it never shows numbers the card does not.
+    published = _published_validation(api, result.repo_id, result.commit) if result.measurements_kept else validation
+    note = None if published is _UNREADABLE else collection_note(manifest, published)
+    result.collection_slug, result.collection_action, result.collection_note = _add_to_collection(
+        api, result.collection, result.repo_id, note, endpoint=endpoint
+    )
 
 
 _UNREADABLE: Any = object()
