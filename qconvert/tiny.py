@@ -178,7 +178,7 @@ def build_pipeline(out: Path, *, slim: bool = False) -> None:
     """Write a complete FluxPipeline folder with seeded random weights to ``out``."""
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel, T5EncoderModel
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -190,79 +190,46 @@ def build_pipeline(out: Path, *, slim: bool = False) -> None:
 
     clip_tok, clip_vocab = _clip_tokenizer()
     t5_tok, t5_vocab = _t5_tokenizer()
-
+    # Each model from its own seed, in this order: the files depend on it.
     torch.manual_seed(SEED)
-    transformer = FluxTransformer2DModel(**cfg)
-    _save(transformer, out / "transformer", dtype)
-
+    _save(FluxTransformer2DModel(**cfg), out / "transformer", dtype)
     torch.manual_seed(SEED + 1)
-    clip = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=clip_vocab,
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            projection_dim=cfg["pooled_projection_dim"],
-            bos_token_id=clip_vocab - 2,
-            eos_token_id=clip_vocab - 1,
-            pad_token_id=clip_vocab - 1,
-        )
-    )
-    if slim:
-        # pooled output must be 768 wide: CLIPTextModel pools the hidden state, so widen it.
-        torch.manual_seed(SEED + 1)
-        clip = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=clip_vocab,
-                hidden_size=cfg["pooled_projection_dim"],
-                intermediate_size=37,
-                num_hidden_layers=1,
-                num_attention_heads=4,
-                max_position_embeddings=77,
-                bos_token_id=clip_vocab - 2,
-                eos_token_id=clip_vocab - 1,
-                pad_token_id=clip_vocab - 1,
-            )
-        )
-    _save(clip, out / "text_encoder", dtype)
-
+    _save(CLIPTextModel(_clip_config(cfg, clip_vocab, slim)), out / "text_encoder", dtype)
     torch.manual_seed(SEED + 2)
-    t5 = T5EncoderModel(
-        T5Config(
-            vocab_size=t5_vocab,
-            d_model=cfg["joint_attention_dim"],
-            d_ff=37,
-            d_kv=8,
-            num_heads=4,
-            num_layers=2,
-            feed_forward_proj="gated-gelu",
-            is_encoder_decoder=False,
-            pad_token_id=0,
-            eos_token_id=1,
-        )
-    )
-    _save(t5, out / "text_encoder_2", dtype)
-
+    _save(T5EncoderModel(_t5_config(cfg, t5_vocab)), out / "text_encoder_2", dtype)
     torch.manual_seed(SEED + 3)
-    vae = AutoencoderKL(
-        block_out_channels=(4,),
-        latent_channels=1 if not slim else 16,
-        norm_num_groups=1,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        **_VAE_SCALING,
-    )
+    vae = AutoencoderKL(block_out_channels=(4,), latent_channels=16 if slim else 1, norm_num_groups=1,
+                        use_quant_conv=False, use_post_quant_conv=False, **_VAE_SCALING)  # fmt: skip
     _save(vae, out / "vae", dtype)
-
     FlowMatchEulerDiscreteScheduler(**_SCHEDULER).save_pretrained(out / "scheduler")
     clip_tok.save_pretrained(out / "tokenizer")
     t5_tok.save_pretrained(out / "tokenizer_2")
+    model_index = _model_index()
+    (out / "model_index.json").write_text(json.dumps(model_index, indent=2, sort_keys=True) + "\n")
 
+
+def _clip_config(cfg: dict[str, Any], vocab: int, slim: bool) -> Any:
+    """CLIP-L stand-in; slim: one layer as wide as the 768-wide pooled projection Flux expects
+    (CLIPTextModel pools the hidden state)."""
+    from transformers import CLIPTextConfig
+
+    width = {"hidden_size": cfg["pooled_projection_dim"], "num_hidden_layers": 1} if slim else {
+        "hidden_size": 32, "num_hidden_layers": 2, "projection_dim": cfg["pooled_projection_dim"]}  # fmt: skip
+    return CLIPTextConfig(vocab_size=vocab, intermediate_size=37, num_attention_heads=4, max_position_embeddings=77,
+                          bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1, **width)  # fmt: skip
+
+
+def _t5_config(cfg: dict[str, Any], vocab: int) -> Any:
+    from transformers import T5Config
+
+    return T5Config(vocab_size=vocab, d_model=cfg["joint_attention_dim"], d_ff=37, d_kv=8, num_heads=4, num_layers=2,
+                    feed_forward_proj="gated-gelu", is_encoder_decoder=False, pad_token_id=0, eos_token_id=1)  # fmt: skip
+
+
+def _model_index() -> dict[str, Any]:
     import diffusers
 
-    model_index = {
+    return {
         "_class_name": "FluxPipeline",
         "_diffusers_version": diffusers.__version__,
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
@@ -273,4 +240,3 @@ def build_pipeline(out: Path, *, slim: bool = False) -> None:
         "transformer": ["diffusers", "FluxTransformer2DModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
-    (out / "model_index.json").write_text(json.dumps(model_index, indent=2, sort_keys=True) + "\n")
