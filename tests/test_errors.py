@@ -469,11 +469,13 @@ def test_bad_collection_title_fails_before_converting(case, tmp_path, monkeypatc
     assert "plan.toml" in line and "collection" in line
 
 
-def test_good_collection_titles_pass():
-    from qconvert.hubnames import check_collection_title
-
-    for title in ("FLUX.1-dev quantized", "x" * 60, "Flux ⚡ quants — 2026", "日本語のコレクション"):
-        check_collection_title(title)
+@pytest.mark.parametrize("title", ["FLUX.1-dev quantized", "x" * 60, "Flux ⚡ quants — 2026", "日本語のコレクション"])
+def test_good_collection_titles_pass_the_check(title, tmp_path, monkeypatch):
+    """The next check (the token) is what stops these: the title itself was accepted."""
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no stored token either
+    proc = invoke(*CONVERT, "--out", str(tmp_path / "out"), "--push", "--repo-id", "acme/x", "--collection", title)
+    assert_one_line_error(proc, code=5, contains="no Hub token")
 
 
 # --- the Hub refusing a download's token ---------------------------------------------------------------
