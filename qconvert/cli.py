@@ -16,9 +16,10 @@ from typing import Any
 import click
 
 from . import __version__
+from .convert import BACKENDS
 from .errors import EXIT_INTERRUPTED, EXIT_UNEXPECTED, EXIT_USAGE, QConvertError, redact, register_secret
 
-BACKEND_NAMES = ("bnb", "torchao", "gguf")
+BACKEND_NAMES = tuple(BACKENDS)  # the registry (backend modules import no dependency: --help stays instant)
 
 FLUX_EXAMPLES = """
 \b
@@ -29,14 +30,16 @@ Examples:
   qconvert flux --source flux1-dev.safetensors --base black-forest-labs/FLUX.1-dev \\
       --backend torchao --scheme fp8wo --out out/fp8
   qconvert flux --source tiny-flux --backend torchao --scheme int8wo --dry-run -v
-
-\b
-Schemes:
-  torchao  int8wo fp8wo int8dq int4wo(GPU only)
-  bnb      nf4 nf4-dq fp4 fp4-dq int8
-  gguf     F16 BF16 Q8_0 Q6_K Q5_K_M Q5_K_S Q5_1 Q5_0 Q4_K_M Q4_K_S Q4_1 Q4_0
-           Q3_K_M Q3_K_S Q2_K
 """
+
+
+def scheme_help() -> str:
+    """The epilog's scheme list, from the backends' own declarations (the card's texts too)."""
+    lines = ["\b", "Schemes:"]
+    for name, backend in BACKENDS.items():
+        lines.append(f"  --backend {name}")
+        lines += [f"    {scheme:<8} {text}" for scheme, text in backend.schemes.items()]
+    return "\n".join(lines) + "\n"
 
 
 class State:
@@ -162,7 +165,7 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
     ctx.obj = State(verbose, quiet)
 
 
-@cli.command(epilog=FLUX_EXAMPLES, short_help="Convert a Flux pipeline (bnb, torchao or GGUF).")
+@cli.command(epilog=FLUX_EXAMPLES + "\n" + scheme_help(), short_help="Convert a Flux pipeline (bnb, torchao or GGUF).")
 @output_options
 @click.option("--source", required=True, help="tiny-flux, a pipeline folder, a Hub repo id, or a BFL .safetensors file.")
 @click.option("--revision", default=None, help="Hub revision (branch, tag or commit) of --source/--base.")

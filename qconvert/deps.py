@@ -1,5 +1,8 @@
 """Optional libraries and the extra that installs each (pyproject.toml's optional-dependencies).
 
+A backend's own library and extra are declared on the backend (``import_names``, ``extra``);
+this table holds the rest.
+
 A missing one is a one-line input error naming the extra, raised before the work that needs
 it starts: validation needs torchmetrics only after loading and generating, which would
 otherwise end in a ModuleNotFoundError after minutes.
@@ -12,13 +15,9 @@ import importlib.util
 from .errors import MissingDependency
 
 EXTRAS = {
-    "torchao": "torchao",
-    "bitsandbytes": "bnb",
-    "gguf": "gguf",
     "torchmetrics": "validate",
     "torchvision": "lpips",
 }
-BACKEND_PACKAGES = {"torchao": "torchao", "bnb": "bitsandbytes", "gguf": "gguf"}
 
 
 def installed(package: str) -> bool:
@@ -36,7 +35,7 @@ def require(package: str) -> None:
 
 def require_for_validation(backend: str) -> None:
     """Validation loads the output with its backend's library and measures with torchmetrics."""
+    from .convert import backend_class
+
     require("torchmetrics")
-    package = BACKEND_PACKAGES.get(backend)
-    if package:
-        require(package)
+    backend_class(backend).require_library()

@@ -87,7 +87,7 @@ def build_manifest(
         "files": other,
         "bytes_in": plan.bytes_in,
         "bytes_out": sum(c["bytes_out"] for c in comps.values()) + sum(e["size"] for e in other.values()),
-        "versions": library_versions(backend.package) if backend.package else library_versions(),
+        "versions": library_versions(*backend.version_packages),
     }
 
 

@@ -30,7 +30,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError, UsageError
+from ..errors import UsageError
 from ..manifest import read_manifest
 from .data import (
     CARD_MARKER,
@@ -39,7 +39,6 @@ from .data import (
     HUB_URL,
     USAGE_MARKER,
     CardFacts,
-    card_dtype,
     component_files,
     existing_card_metadata,
     generation_args,
@@ -71,19 +70,6 @@ CPU_USAGE_MARKER = "<!-- qconvert:usage-cpu -->"
 # 9 minutes on a 2-core CPU, at 19.8 GB of resident memory.
 CPU_SIZE = 256
 CPU_STEPS = 4
-
-SCHEME_TEXT = {
-    ("torchao", "int8wo"): "int8 weight-only (torchao `Int8WeightOnlyConfig`)",
-    ("torchao", "fp8wo"): "float8 weight-only (torchao `Float8WeightOnlyConfig`)",
-    ("torchao", "int8dq"): "int8 dynamic activations + int8 weights (torchao `Int8DynamicActivationInt8WeightConfig`)",
-    ("torchao", "int4wo"): "int4 weight-only (torchao `Int4WeightOnlyConfig`, CUDA only)",
-    ("bnb", "nf4"): "4-bit NormalFloat (bitsandbytes nf4, blocks of 64)",
-    ("bnb", "nf4-dq"): "4-bit NormalFloat with double quantization (bitsandbytes nf4)",
-    ("bnb", "fp4"): "4-bit float (bitsandbytes fp4, blocks of 64)",
-    ("bnb", "fp4-dq"): "4-bit float with double quantization (bitsandbytes fp4)",
-    ("bnb", "int8"): "8-bit LLM.int8 (bitsandbytes)",
-}
-
 
 def _human(n: Any) -> str:
     from ..plan import human_bytes
@@ -145,7 +131,7 @@ def card_metadata(facts: CardFacts) -> Any:
         license=facts.license.license,
         license_name=facts.license.name,
         license_link=facts.license.link,
-        library_name="gguf" if facts.is_gguf else "diffusers",
+        library_name=facts.backend_class.hub_library_name,
         pipeline_tag="text-to-image",
         tags=tags,
         **kwargs,
@@ -173,15 +159,15 @@ def _components(facts: CardFacts) -> list[dict[str, str]]:
     rows = []
     for name, c in ordered_components(facts.manifest):
         if c.get("action") == "quantize":
-            what = SCHEME_TEXT.get((facts.backend, facts.scheme), f"{facts.backend} {facts.scheme}")
-            if facts.is_gguf:
+            what = facts.backend_class.schemes.get(facts.scheme, f"{facts.backend} {facts.scheme}")
+            if facts.files_only:
                 files = ", ".join(f"`{f}`" for f in component_files(facts.manifest, name))
-                what = f"GGUF {facts.scheme}: {files}"
+                what = f"{facts.scheme} ({what}): {files}"
             n, total = c.get("quantized_tensors"), c.get("tensors")
             if isinstance(n, int) and isinstance(total, int) and total:
                 what += f"; {n} of {total} tensors quantized"
             after = _human(c.get("bytes_out"))
-        elif facts.is_gguf:
+        elif facts.files_only:
             what, after = "not included: comes from the base pipeline", "—"
         else:
             what, after = "copied unchanged", _human(c.get("bytes_out"))
@@ -189,111 +175,9 @@ def _components(facts: CardFacts) -> list[dict[str, str]]:
     return rows
 
 
-def _method(facts: CardFacts) -> str:
-    versions = facts.manifest.get("versions") or {}
-    if facts.backend == "torchao":
-        return (
-            f"The weights were quantized ahead of time with torchao {versions.get('torchao', '')} and saved as "
-            "safetensors in the layout diffusers and transformers write for torchao models, so a plain "
-            "`from_pretrained` loads them: nothing is quantized at load time. torchao checkpoints are tied to "
-            "the torchao version that wrote them: install exactly that version (below)."
-        )
-    if facts.backend == "bnb":
-        return (
-            f"The weights were quantized ahead of time with bitsandbytes {versions.get('bitsandbytes', '')} and "
-            "saved in the layout diffusers and transformers write after on-the-fly bitsandbytes quantization "
-            "(the quantization config is in each component's `config.json`), so a plain `from_pretrained` loads "
-            "them. diffusers loads bitsandbytes weights only on a CUDA GPU; on a CPU-only machine, see "
-            "*On a CPU-only machine* below."
-        )
-    layout = (facts.manifest.get("options") or {}).get("layout") or "bfl"
-    names = (
-        "diffusers tensor names (loads in diffusers at any model width)"
-        if layout == "diffusers"
-        else "Black Forest Labs tensor names, as ComfyUI-GGUF expects (diffusers converts them on load)"
-    )
-    text = (
-        f"Single-file GGUF {facts.scheme} with {names}, following ComfyUI-GGUF's conventions (1-D and small "
-        "tensors and the input/output layers kept in F32). The files hold only the quantized models: the VAE, "
-        "the CLIP text encoder, the tokenizers and the configs come from the base pipeline."
-    )
-    if component_files(facts.manifest, "text_encoder_2"):
-        text += (
-            " transformers dequantizes the T5 GGUF when it loads it (a smaller download, not less memory)."
-        )
-    return text
-
-
-def _base_expr(facts: CardFacts) -> tuple[list[str], str]:
-    """Import lines and the Python expression of the base pipeline (GGUF outputs)."""
-    ident = facts.manifest.get("source") or {}
-    base = ident.get("base") if ident.get("kind") == "bfl" else ident
-    base = base or {}
-    if base.get("kind") == "builtin" and not (facts.base_model and facts.base_model != source_repo_id(base)):
-        return ["from qconvert.tiny import builtin_path"], f"str(builtin_path({json.dumps(base.get('name'))}))"
-    if facts.base_model:
-        return [], json.dumps(facts.base_model)
-    path = Path(str(base.get("path", ".")))
-    # a card for a Hub repo never names the converter's own directories: the base folder's name
-    return [], json.dumps("./" + path.name if facts.repo_id else path.as_posix())
-
-
 def usage_snippet(facts: CardFacts) -> str:
-    repo = facts.repo_id or facts.out.resolve().as_posix()
-    dtype = card_dtype(facts.manifest, facts.validation)
-    gen = generation_args(facts)
-    device = (
-        'pipe.to("cuda")  # diffusers loads bitsandbytes weights on a CUDA GPU (no GPU: see below)'
-        if facts.backend == "bnb"
-        else 'pipe.to("cuda" if torch.cuda.is_available() else "cpu")'
-    )
-    call = _generate_call(facts, gen)
-    if not facts.is_gguf:
-        lines = [
-            "import torch",
-            "from diffusers import FluxPipeline",
-            "",
-            f"pipe = FluxPipeline.from_pretrained({json.dumps(repo)}, dtype=torch.{dtype})",
-            device,
-        ]
-        return "\n".join(lines + call)
-    base_imports, base_expr = _base_expr(facts)
-    flux_files = component_files(facts.manifest, "transformer")
-    t5_files = component_files(facts.manifest, "text_encoder_2")
-    if not flux_files:
-        raise InputError(f"{facts.out}: qconvert.json lists no transformer .gguf file", hint="convert again")
-    imports = ["import torch", "from diffusers import FluxPipeline, FluxTransformer2DModel, GGUFQuantizationConfig"]
-    if t5_files:
-        imports.append("from transformers import T5Config, T5EncoderModel")
-    if facts.repo_id:
-        imports.append("from huggingface_hub import hf_hub_download")
-        gguf_path = f"hf_hub_download(repo, {json.dumps(flux_files[0])})"
-    else:
-        gguf_path = f'f"{{repo}}/{flux_files[0]}"'
-    lines = imports + base_imports + [
-        "",
-        f"repo = {json.dumps(repo)}",
-        f"base = {base_expr}  # the pipeline that supplies the VAE, CLIP, tokenizers and configs",
-        f"dtype = torch.{dtype}",
-        "transformer = FluxTransformer2DModel.from_single_file(",
-        f"    {gguf_path},",
-        "    quantization_config=GGUFQuantizationConfig(compute_dtype=dtype),",
-        "    config=base,",
-        '    subfolder="transformer",',
-        "    dtype=dtype,",
-        ")",
-    ]
-    parts = "transformer=transformer"
-    if t5_files:
-        lines += [
-            "text_encoder_2 = T5EncoderModel.from_pretrained(",
-            f"    repo, gguf_file={json.dumps(t5_files[0])},",
-            '    config=T5Config.from_pretrained(base, subfolder="text_encoder_2"), dtype=dtype,',
-            ")",
-        ]
-        parts += ", text_encoder_2=text_encoder_2"
-    lines += [f"pipe = FluxPipeline.from_pretrained(base, {parts}, dtype=dtype)", device]
-    return "\n".join(lines + call)
+    """The backend's loading code (its ``usage_lines`` hook) + one ``pipe(...)`` call."""
+    return "\n".join(facts.backend_class.usage_lines(facts) + _generate_call(facts, generation_args(facts)))
 
 
 def _generate_call(facts: CardFacts, gen: dict[str, Any]) -> list[str]:
@@ -318,13 +202,16 @@ def _cpu_args(gen: dict[str, Any]) -> dict[str, Any]:
 def cpu_usage(facts: CardFacts) -> str:
     """Markdown for CPU users (empty when the main snippet already suits a CPU).
 
-    bitsandbytes: diffusers refuses bnb models without a GPU, so the code loads through
-    qconvert's ``load_pipeline_on_cpu``. Full-size models: a small image and few steps.
+    A backend whose output the main snippet cannot load on a CPU (bitsandbytes: diffusers
+    refuses it without a GPU) gives other loading code (its ``cpu_usage_lines`` hook).
+    Full-size models: a small image and few steps.
     """
     gen = generation_args(facts)
     small = _cpu_args(gen)
     slow = small != gen
-    if facts.backend != "bnb" and not slow:
+    backend = facts.backend_class
+    loading = backend.cpu_usage_lines(facts)
+    if loading is None and not slow:
         return ""
     lines: list[str] = []
     if slow:
@@ -334,25 +221,13 @@ def cpu_usage(facts: CardFacts) -> str:
             f"{small['size']}×{small['size']} with {small['steps']} steps first "
             f"(1/{round((gen['size'] / small['size']) ** 2)} of the image tokens); the whole pipeline must fit in RAM."
         )
-    if facts.backend == "bnb":
-        repo = facts.repo_id or facts.out.resolve().as_posix()
-        dtype = card_dtype(facts.manifest, facts.validation)
-        lines.append(
-            "diffusers refuses bitsandbytes models on a machine without a CUDA GPU (`RuntimeError: No GPU found`), "
-            "although bitsandbytes runs these layers on a CPU. qconvert's `load_pipeline_on_cpu` lifts that check "
-            "while loading and picks bitsandbytes' CPU kernel for each layer (`pip install qconvert`):"
-        )
-        code = [
-            "import torch",
-            "from qconvert.convert.bnb_cpu import load_pipeline_on_cpu",
-            "",
-            f"pipe = load_pipeline_on_cpu({json.dumps(repo)}, dtype=torch.{dtype})",
-            *_generate_call(facts, small),
-        ]
+    if loading is not None:
+        lines.append(backend.cpu_usage_note)
+        code = [*loading, *_generate_call(facts, small)]
     else:
         lines.append("Replace the `pipe(...)` call above with:")
         code = _generate_call(facts, small)
-    title = "On a CPU-only machine" if facts.backend == "bnb" else "On a CPU"
+    title = "On a CPU" if loading is None else "On a CPU-only machine"
     block = "\n".join(code)
     return f"### {title}\n\n" + "\n\n".join(lines) + f"\n\n{CPU_USAGE_MARKER}\n```python\n{block}\n```\n"
 
@@ -440,11 +315,8 @@ def _validation(facts: CardFacts) -> dict[str, Any] | None:
         if device.startswith("cuda")
         else " On CPU, memory is the growth of the process's resident memory (RSS), a rough measure."
     )
-    if facts.backend == "bnb" and not device.startswith("cuda"):
-        mem_note += (
-            " diffusers refuses bitsandbytes models without a GPU: this CPU check loaded the weights with "
-            "qconvert's `load_pipeline_on_cpu` (bitsandbytes' own CPU kernels), as shown under Usage."
-        )
+    if not device.startswith("cuda"):
+        mem_note += facts.backend_class.cpu_validation_note
     n_prompts = len(s.get("prompts") or [])
     setup = (
         f"Measured on {device}{f' ({dev_name})' if dev_name else ''} in {s.get('dtype', '?')}: "
@@ -453,8 +325,8 @@ def _validation(facts: CardFacts) -> dict[str, Any] | None:
         f"without each prompt's first step.{mem_note}"
     )
     versions = env.get("versions") or {}
-    keep = ["torch", "diffusers", "transformers", {"torchao": "torchao", "bnb": "bitsandbytes", "gguf": "gguf"}.get(facts.backend, ""), "qconvert"]
-    vtext = ", ".join(f"{k} {versions[k]}" for k in keep if k and versions.get(k))
+    keep = ["torch", "diffusers", "transformers", *facts.backend_class.version_packages, "qconvert"]
+    vtext = ", ".join(f"{k} {versions[k]}" for k in keep if versions.get(k))
     passed = bool(v.get("passed"))
     failed = [str(x) for x in v.get("failed") or []]
     summary = (
@@ -536,7 +408,7 @@ def card_text(
             f" The transformer's weights shrink from {_human(t['bytes_in'])} to {_human(t['bytes_out'])} "
             f"({t['bytes_in'] / t['bytes_out']:.1f}× smaller on disk)."
         )
-    loader = "`FluxTransformer2DModel.from_single_file`" if facts.is_gguf else "one `FluxPipeline.from_pretrained` call"
+    loader = facts.backend_class.card_loader
     intro = (
         f"A **{facts.backend} {facts.scheme}** pre-quantized version of {_source_phrase(facts)}, a FLUX "
         f"text-to-image pipeline, made with qconvert {m.get('qconvert_version', __version__)}. It loads with "
@@ -559,8 +431,8 @@ def card_text(
         components=_components(facts),
         total_before=_human(m.get("bytes_in")),
         total_after=_human(m.get("bytes_out")),
-        method=_method(facts),
-        install=install_line(m, builtin_base=facts.is_gguf and builtin and "builtin_path" in _base_expr(facts)[1]),
+        method=facts.backend_class.card_method(m),
+        install=install_line(m, builtin_base=facts.files_only and builtin and "builtin_path" in facts.base_pipeline()[1]),
         usage=usage_snippet(facts),
         usage_note=_usage_note(facts),
         cpu_usage=cpu_usage(facts),

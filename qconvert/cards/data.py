@@ -35,7 +35,6 @@ _HUB_CACHE_DIR = re.compile(r"^models--([^/]+?)--([^/]+)$")
 # Pipeline order for the tables: what was quantized first.
 _ORDER = ("transformer", "text_encoder_2", "text_encoder", "vae", "tokenizer", "tokenizer_2", "scheduler")
 _DEFAULT_COMPONENTS = ["transformer", "text_encoder_2"]
-_INSTALL_EXTRA = {"torchao": "torchao", "bnb": "bitsandbytes", "gguf": "gguf"}
 
 
 @dataclass
@@ -64,8 +63,42 @@ class CardFacts:
         return str(self.manifest["scheme"])
 
     @property
-    def is_gguf(self) -> bool:
-        return self.manifest.get("layout") == "gguf"
+    def backend_class(self) -> Any:
+        """The backend's class: its declarations and card hooks (``qconvert.convert.base``)."""
+        from ..convert import backend_class
+
+        return backend_class(self.backend)
+
+    @property
+    def files_only(self) -> bool:
+        """The output holds only the converted models' files; the rest comes from the base."""
+        from ..convert.base import PIPELINE_FOLDER
+
+        return self.backend_class.container != PIPELINE_FOLDER
+
+    @property
+    def repo(self) -> str:
+        """What the usage snippet loads: the repo id, else this folder."""
+        return self.repo_id or self.out.resolve().as_posix()
+
+    @property
+    def dtype(self) -> str:
+        return card_dtype(self.manifest, self.validation)
+
+    def files(self, component: str) -> list[str]:
+        return component_files(self.manifest, component)
+
+    def base_pipeline(self) -> tuple[list[str], str]:
+        """Import lines and the Python expression of the base pipeline (for file-only outputs)."""
+        ident = self.manifest.get("source") or {}
+        base = (ident.get("base") if ident.get("kind") == "bfl" else ident) or {}
+        if base.get("kind") == "builtin" and not (self.base_model and self.base_model != source_repo_id(base)):
+            return ["from qconvert.tiny import builtin_path"], f"str(builtin_path({json.dumps(base.get('name'))}))"
+        if self.base_model:
+            return [], json.dumps(self.base_model)
+        path = Path(str(base.get("path", ".")))
+        # a card for a Hub repo never names the converter's own directories: the base folder's name
+        return [], json.dumps("./" + path.name if self.repo_id else path.as_posix())
 
 
 # --- reading -------------------------------------------------------------------------------
@@ -305,12 +338,13 @@ def install_line(manifest: dict[str, Any], *, builtin_base: bool) -> str:
         v = versions.get(pkg)
         pkgs.append(f'"{pkg}>={v}"' if v else pkg)
     pkgs.append("accelerate")
-    extra = _INSTALL_EXTRA.get(str(manifest.get("backend")))
-    if extra:
-        v = versions.get(extra)
-        # torchao checkpoints are tied to the torchao version that wrote them
-        op = "==" if extra == "torchao" else ">="
-        pkgs.append(f'"{extra}{op}{v}"' if v else extra)
+    from ..convert import backend_class
+
+    backend = backend_class(str(manifest.get("backend")))
+    if backend.pip_package:
+        v = versions.get(backend.pip_package)
+        op = "==" if backend.pin_version else ">="
+        pkgs.append(f'"{backend.pip_package}{op}{v}"' if v else backend.pip_package)
     if builtin_base:
         pkgs.append(f'"qconvert=={versions.get("qconvert", "")}"' if versions.get("qconvert") else "qconvert")
     return "pip install " + " ".join(pkgs)

@@ -1,12 +1,10 @@
 """Conversion: plan from headers, then stream tensor by tensor into an atomic output folder.
 
-``BACKENDS`` is the explicit registry: name -> "module:Class", imported only when used so
-that ``qconvert --help`` stays instant.
+``BACKENDS`` is the explicit registry: name -> backend class (see :mod:`qconvert.convert.base`).
 """
 
 from __future__ import annotations
 
-import importlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,59 +16,35 @@ from ..manifest import MANIFEST_NAME, build_manifest
 from ..output import atomic_folder, check_disk_space, check_output, copy_file, copy_license_files, copy_tree, write_json
 from ..plan import ComponentPlan, Plan
 from ..sources import Source, TensorReader
+from . import bnb, gguf, torchao
+from .base import PIPELINE_FOLDER, Backend
 
-BACKENDS: dict[str, str] = {
-    "torchao": "qconvert.convert.torchao:TorchAOBackend",
-    "bnb": "qconvert.convert.bnb:BitsAndBytesBackend",
-    "gguf": "qconvert.convert.gguf:GGUFBackend",
+# The registry, like diffusers' quantizers/auto.py: one explicit mapping name -> backend class.
+# Each backend's module declares everything about it (schemes, options, extra, how users and
+# validation load its output); the tables below are derived from those declarations. The
+# modules import no dependency at module level, so this stays cheap (`qconvert --help`,
+# `qconvert release --matrix` where only qconvert is installed).
+BACKENDS: dict[str, type[Backend]] = {
+    "torchao": torchao.TorchAOBackend,
+    "bnb": bnb.BitsAndBytesBackend,
+    "gguf": gguf.GGUFBackend,
 }
 
-# Scheme names per backend without importing the backend module (for --help and errors).
-SCHEMES: dict[str, tuple[str, ...]] = {
-    "torchao": ("int8wo", "fp8wo", "int8dq", "int4wo"),
-    "bnb": ("nf4", "nf4-dq", "fp4", "fp4-dq", "int8"),
-    "gguf": (
-        "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S",
-        "Q4_1", "Q4_0", "Q3_K_M", "Q3_K_S", "Q2_K",
-    ),
-}  # fmt: skip
-
-# Options each backend reads (CLI flags, release-plan ``options``), also without importing it:
-# a release plan is checked where only qconvert itself is installed (the workflow's plan job).
-OPTIONS: dict[str, tuple[str, ...]] = {
-    "torchao": ("jobs", "max_shard_size"),
-    "bnb": ("jobs", "max_shard_size", "compute_dtype", "quantize_keep_fp32"),
-    "gguf": ("jobs", "layout", "pool"),  # one .gguf file per model: no shards
-}
-
-CLI_OPTIONS = frozenset({"jobs", "max_shard_size", "compute_dtype", "layout"})  # the rest: API / plans only
-
+SCHEMES: dict[str, tuple[str, ...]] = {name: tuple(cls.schemes) for name, cls in BACKENDS.items()}
+OPTIONS: dict[str, tuple[str, ...]] = {name: cls.accepted_options for name, cls in BACKENDS.items()}
+# Options that are `qconvert flux` flags; the rest are for release plans and the API only.
+CLI_OPTIONS = frozenset(flag for cls in BACKENDS.values() for flag in cls.cli_flags)
 
 
 def check_options(backend: str, options: dict[str, Any]) -> None:
-    """Refuse an option the backend does not read: silently ignored, it would still be recorded
-    in the manifest and the card's reproduce command, and a release would republish for it."""
-    accepted = OPTIONS.get(backend, ())
-    unknown = sorted(k for k, v in options.items() if v is not None and k not in accepted)
-    if unknown:
-        flags = ", ".join(f"--{k.replace('_', '-')}" if k in CLI_OPTIONS else k for k in accepted)
-        raise UsageError(
-            f"the {backend} backend does not take {unknown[0]!r} (--{unknown[0].replace('_', '-')})",
-            hint=f"its options: {flags}",
-        )
+    """Refuse an option the backend does not read (see :meth:`Backend.check_options`)."""
+    backend_class(backend).check_options(options)
 
 
-def backend_class(name: str) -> type:
+def backend_class(name: str) -> type[Backend]:
     if name not in BACKENDS:
         raise UsageError(f"unknown backend {name!r}", hint=f"choose one of: {', '.join(BACKENDS)}")
-    module, cls = BACKENDS[name].split(":")
-    try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name and e.name.startswith("qconvert"):
-            raise UsageError(f"backend {name!r} is not available in this qconvert version") from None
-        raise
-    return getattr(mod, cls)
+    return BACKENDS[name]
 
 
 def get_backend(name: str, scheme: str, **options: Any) -> Any:
@@ -102,8 +76,8 @@ def make_plan(source: Source, backend: Any, components: tuple[str, ...]) -> tupl
             facts[name] = model_facts(comp)
             check_against_config(comp, facts[name])
             comp_plans.append(backend.plan_component(comp, facts[name]))
-        elif backend.layout == "gguf":
-            # GGUF outputs hold only the quantized models; users take the rest from the base.
+        elif backend.container != PIPELINE_FOLDER:
+            # The files hold only the quantized models; users take the rest from the base.
             size = comp.nbytes if comp.tensors else 0
             comp_plans.append(ComponentPlan(name, "from-base", None, [], size, 0))
         else:
@@ -114,7 +88,7 @@ def make_plan(source: Source, backend: Any, components: tuple[str, ...]) -> tupl
                 )
             size = sum(p.stat().st_size for p in comp.folder.rglob("*") if p.is_file())
             comp_plans.append(ComponentPlan(name, "copy", None, [], size, size))
-    plan = Plan(backend.name, backend.scheme, source.identity, comp_plans, layout=backend.layout)
+    plan = Plan(backend.name, backend.scheme, source.identity, comp_plans, layout=backend.container)
     return plan, facts
 
 
@@ -172,10 +146,10 @@ def convert(
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not progress, leave=False)
         try:
             with TensorReader() as reader:
-                if hasattr(backend, "write_output"):
-                    written = backend.write_output(source, plan, facts, tmp, reader, bar.update, _check_finite, seconds)
-                else:
+                if backend.container == PIPELINE_FOLDER:
                     written = _write_pipeline(source, plan, facts, backend, tmp, reader, bar.update, seconds)
+                else:
+                    written = backend.write_output(source, plan, facts, tmp, reader, bar.update, _check_finite, seconds)
         finally:
             bar.close()  # clears its line, so an error message starts on a clean line
         manifest = build_manifest(source, plan, backend, tmp, written, components, options)

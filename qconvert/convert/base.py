@@ -1,10 +1,12 @@
 """The backend base class: a small set of defaulted hooks.
 
 A backend knows how to turn one source tensor (and its name) into output tensors, and how
-to describe itself in config.json. Reading sources, planning, streaming, sharding, manifests
-and atomic output belong to the shared layer (:mod:`qconvert.convert`), so a new backend is
-one module: subclass :class:`Backend`, fill ``schemes``, override :meth:`policy`,
-:meth:`encode` and :meth:`quantization_config`, and add it to ``BACKENDS``.
+to describe itself in config.json, the card and validation. Reading sources, planning,
+streaming, sharding, manifests and atomic output belong to the shared layer
+(:mod:`qconvert.convert`), so a new backend is one module: subclass :class:`Backend`, fill
+its declarations (``name``, ``schemes``, ``accepted_options``, ``extra``, ``import_names``
+...), override the hooks that differ (:meth:`policy`, :meth:`encode`,
+:meth:`quantization_config`, :meth:`usage_lines` ...), and list it in ``BACKENDS``.
 """
 
 from __future__ import annotations
@@ -107,13 +109,39 @@ def default_jobs() -> int:
         return os.cpu_count() or 1
 
 
+# What a backend writes (``Backend.container``; recorded as the manifest's ``layout``).
+PIPELINE_FOLDER = "pipeline"  # a diffusers pipeline folder: safetensors shards + configs, the rest copied
+GGUF_FILES = "gguf"  # .gguf files of the converted models only; the rest comes from the base pipeline
+CONTAINERS = (PIPELINE_FOLDER, GGUF_FILES)
+
+
 class Backend:
+    """One quantization backend, declared in one place.
+
+    Class attributes are declarations the rest of qconvert reads without building a backend
+    (``--help``, release plans, cards, validation): keep them plain data, and keep a backend's
+    module free of module-level imports of torch, numpy or any other dependency (``qconvert
+    release --matrix`` runs where only qconvert is installed). Methods are hooks with
+    defaults; the class methods under *cards* and *validation* describe an existing output
+    from its manifest and need no conversion state.
+    """
+
     name: ClassVar[str] = ""
-    package: ClassVar[str] = ""  # import name that must be present
-    extra: ClassVar[str] = ""  # pip extra that installs it
-    schemes: ClassVar[dict[str, str]] = {}  # scheme -> one-line description
-    layout: ClassVar[str] = "pipeline"  # "pipeline" folder or "gguf" files
+    # scheme -> one-line description: the one text --help, the plan and the card show
+    schemes: ClassVar[dict[str, str]] = {}
+    # options it reads (CLI flags, release-plan ``options``, API keywords), and which are flags
+    accepted_options: ClassVar[tuple[str, ...]] = ("jobs",)
+    cli_flags: ClassVar[tuple[str, ...]] = ("jobs",)
+    extra: ClassVar[str] = ""  # pip extra that installs the library: pip install 'qconvert[<extra>]'
+    import_names: ClassVar[tuple[str, ...]] = ()  # modules that must be importable to convert or load
+    pip_package: ClassVar[str] = ""  # distribution on the card's install line
+    pin_version: ClassVar[bool] = False  # the card pins ==version (checkpoints tied to the version)
+    version_packages: ClassVar[tuple[str, ...]] = ()  # distributions recorded in "versions"
+    warm_up_modules: ClassVar[tuple[str, ...]] = ()  # imported before CPU memory is measured
+    container: ClassVar[str] = PIPELINE_FOLDER
     supported_components: ClassVar[tuple[str, ...]] = ("transformer", "text_encoder_2")
+    hub_library_name: ClassVar[str] = "diffusers"  # the card's ``library_name``
+    card_loader: ClassVar[str] = "one `FluxPipeline.from_pretrained` call"  # "It loads with ..."
 
     def __init__(self, scheme: str, **options: Any) -> None:
         if scheme not in self.schemes:
@@ -121,9 +149,7 @@ class Backend:
                 f"unknown {self.name} scheme {scheme!r}",
                 hint=f"choose one of: {', '.join(self.schemes)}",
             )
-        from . import check_options
-
-        check_options(self.name, options)
+        self.check_options(options)
         self.scheme = scheme
         self.options = options
         jobs = options.get("jobs")
@@ -133,13 +159,36 @@ class Backend:
         # plan order whatever order they finish in.
         self.jobs = int(jobs) if jobs else default_jobs()
 
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> None:
+        """Refuse an option the backend does not read: silently ignored, it would still be
+        recorded in the manifest and the card's reproduce command, and a release would
+        republish for it."""
+        unknown = sorted(k for k, v in options.items() if v is not None and k not in cls.accepted_options)
+        if unknown:
+            flags = ", ".join(_option_label(k) if k in cls.cli_flags else k for k in cls.accepted_options)
+            raise UsageError(
+                f"the {cls.name} backend does not take {unknown[0]!r} ({_option_label(unknown[0])})",
+                hint=f"its options: {flags}",
+            )
+
     # --- environment -----------------------------------------------------------------------
+
+    @classmethod
+    def require_library(cls) -> None:
+        """Raise :class:`MissingDependency` naming the extra if the backend's library is missing."""
+        for module in cls.import_names:
+            try:
+                found = importlib.util.find_spec(module) is not None
+            except ValueError:  # in sys.modules without a spec (a stub): importable
+                found = True
+            if not found:
+                raise MissingDependency(module, cls.extra or cls.name)
 
     def check_environment(self, *, device: bool = True) -> None:
         """Raise if the backend's library (or, unless ``device=False``: only planning, a device
         the scheme needs) is missing."""
-        if self.package and importlib.util.find_spec(self.package) is None:
-            raise MissingDependency(self.package, self.extra or self.name)
+        self.require_library()
 
     # --- planning --------------------------------------------------------------------------
 
@@ -277,9 +326,11 @@ class Backend:
         """``__metadata__`` of every shard of a component (known after all tensors)."""
         return {"format": "pt"}
 
-    def quantization_config(self, component: str) -> dict[str, Any]:
-        """The ``quantization_config`` entry of the component's config.json."""
-        raise NotImplementedError
+    def quantization_config(self, component: str) -> dict[str, Any] | None:
+        """The ``quantization_config`` entry of the component's config.json; None (default)
+        writes none: a storage format that a plain ``from_pretrained`` loads without a
+        quantizer has no such entry."""
+        return None
 
     def config_updates(self, component: str) -> dict[str, Any]:
         """Other config.json changes besides quantization_config (default none)."""
@@ -325,10 +376,85 @@ class Backend:
             raise
         config = dict(comp.config)
         config.update(self.config_updates(comp.name))
-        config["quantization_config"] = self.quantization_config(comp.name)
+        quantization_config = self.quantization_config(comp.name)
+        if quantization_config is not None:
+            config["quantization_config"] = quantization_config
         cfg_path = folder / "config.json"
         cfg_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         return [cfg_path, *files]
+
+    def write_output(
+        self,
+        source: Any,
+        plan: Any,
+        facts: dict[str, Any],
+        tmp: Path,
+        reader: TensorReader,
+        progress: ProgressFn,
+        check_tensor: Callable[[str, Any], None],
+        seconds: dict[str, float],
+    ) -> dict[str, list[Path]]:
+        """Write a container other than a pipeline folder (which the shared layer writes
+        through :meth:`write_component`): files per component, plus ``"_root"``."""
+        raise NotImplementedError(f"the {self.name} backend declares container {self.container!r} but writes none")
+
+    # --- cards: how a user loads the output --------------------------------------------------
+    # ``facts`` is the card's :class:`qconvert.cards.data.CardFacts`: ``repo`` (the repo id or
+    # folder the snippet loads), ``dtype``, ``files(component)``, ``base_pipeline()``.
+
+    @classmethod
+    def card_method(cls, manifest: dict[str, Any]) -> str:
+        """The card's paragraph on how the weights were made and what loads them."""
+        version = (manifest.get("versions") or {}).get(cls.pip_package, "")
+        return (
+            f"The weights were quantized ahead of time with {cls.pip_package} {version} and saved as safetensors "
+            "in the layout diffusers and transformers load with a plain `from_pretrained`."
+        )
+
+    @classmethod
+    def usage_lines(cls, facts: Any) -> list[str]:
+        """The usage snippet up to a ``pipe`` on its device (the card adds the ``pipe(...)`` call)."""
+        return [
+            "import torch",
+            "from diffusers import FluxPipeline",
+            "",
+            f"pipe = FluxPipeline.from_pretrained({json.dumps(facts.repo)}, dtype=torch.{facts.dtype})",
+            'pipe.to("cuda" if torch.cuda.is_available() else "cpu")',
+        ]
+
+    # Shown before cpu_usage_lines: why a CPU-only machine loads the output another way.
+    cpu_usage_note: ClassVar[str] = ""
+    # Added to the card's validation setup when the output was validated on a CPU.
+    cpu_validation_note: ClassVar[str] = ""
+
+    @classmethod
+    def cpu_usage_lines(cls, facts: Any) -> list[str] | None:
+        """Loading code for a CPU-only machine when :meth:`usage_lines` cannot load there
+        (None, the default: the main snippet loads on a CPU too)."""
+        return None
+
+    # --- validation: load the output as its card tells users to -----------------------------
+
+    @classmethod
+    def check_loadable(cls, options: dict[str, Any], transformer_config: dict[str, Any]) -> None:
+        """Raise if diffusers cannot load an output of these options (checked before converting)."""
+
+    @classmethod
+    def load_for_validation(cls, out: Path, manifest: dict[str, Any], ref_root: Path, *, dtype: Any, device: str) -> Any:
+        """The output as a pipeline on ``device`` (default: ``FluxPipeline.from_pretrained``)."""
+        from diffusers import FluxPipeline
+
+        pipe = FluxPipeline.from_pretrained(out, dtype=dtype)
+        return pipe if device == "cpu" else pipe.to(device)
+
+    @classmethod
+    def validation_environment(cls, pipe: Any, device: str) -> dict[str, Any]:
+        """Facts about the loaded output for ``validation.json``'s environment (default none)."""
+        return {}
+
+
+def _option_label(option: str) -> str:
+    return "--" + option.replace("_", "-")
 
 
 class GarbageBound:

@@ -66,6 +66,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 from typing import Any, ClassVar
 
 from ..errors import UsageError
@@ -125,15 +126,20 @@ def _diffusers_skips(module: str, patterns: tuple[str, ...]) -> bool:
 
 class BitsAndBytesBackend(Backend):
     name = "bnb"
-    package = "bitsandbytes"
-    extra = "bnb"
     schemes: ClassVar[dict[str, str]] = {
-        "nf4": "4-bit NormalFloat, blocks of 64 with float32 scales (QLoRA's NF4)",
-        "nf4-dq": "NF4 with double quantization (scales quantized to 8 bit)",
-        "fp4": "4-bit float (e2m1), blocks of 64 with float32 scales",
-        "fp4-dq": "FP4 with double quantization (scales quantized to 8 bit)",
-        "int8": "LLM.int8: int8 weights, per-row float32 scales",
+        "nf4": "4-bit NormalFloat (bitsandbytes nf4, QLoRA's NF4), blocks of 64 with float32 scales",
+        "nf4-dq": "4-bit NormalFloat with double quantization (bitsandbytes nf4, scales quantized to 8 bit)",
+        "fp4": "4-bit float e2m1 (bitsandbytes fp4), blocks of 64 with float32 scales",
+        "fp4-dq": "4-bit float with double quantization (bitsandbytes fp4, scales quantized to 8 bit)",
+        "int8": "8-bit LLM.int8 (bitsandbytes): int8 weights, per-row float32 scales",
     }
+    accepted_options = ("jobs", "max_shard_size", "compute_dtype", "quantize_keep_fp32")
+    cli_flags = ("jobs", "max_shard_size", "compute_dtype")
+    extra = "bnb"
+    import_names = ("bitsandbytes",)
+    pip_package = "bitsandbytes"
+    version_packages = ("bitsandbytes",)
+    warm_up_modules = ("bitsandbytes", "diffusers.quantizers.bitsandbytes.bnb_quantizer")
 
     # Big weights are quantized in row chunks of about this many values (see quantize()).
     chunk_elems: ClassVar[int] = 1 << 22
@@ -344,3 +350,64 @@ class BitsAndBytesBackend(Backend):
 
     def quantization_config(self, component: str) -> dict[str, Any]:
         return self.bnb_config(component).to_dict()
+
+    # --- cards: diffusers loads bitsandbytes weights only on a CUDA GPU ----------------------
+
+    @classmethod
+    def card_method(cls, manifest: dict[str, Any]) -> str:
+        version = (manifest.get("versions") or {}).get("bitsandbytes", "")
+        return (
+            f"The weights were quantized ahead of time with bitsandbytes {version} and "
+            "saved in the layout diffusers and transformers write after on-the-fly bitsandbytes quantization "
+            "(the quantization config is in each component's `config.json`), so a plain `from_pretrained` loads "
+            "them. diffusers loads bitsandbytes weights only on a CUDA GPU; on a CPU-only machine, see "
+            "*On a CPU-only machine* below."
+        )
+
+    @classmethod
+    def usage_lines(cls, facts: Any) -> list[str]:
+        lines = super().usage_lines(facts)
+        lines[-1] = 'pipe.to("cuda")  # diffusers loads bitsandbytes weights on a CUDA GPU (no GPU: see below)'
+        return lines
+
+    cpu_usage_note = (
+        "diffusers refuses bitsandbytes models on a machine without a CUDA GPU (`RuntimeError: No GPU found`), "
+        "although bitsandbytes runs these layers on a CPU. qconvert's `load_pipeline_on_cpu` lifts that check "
+        "while loading and picks bitsandbytes' CPU kernel for each layer (`pip install qconvert`):"
+    )
+    cpu_validation_note = (
+        " diffusers refuses bitsandbytes models without a GPU: this CPU check loaded the weights with "
+        "qconvert's `load_pipeline_on_cpu` (bitsandbytes' own CPU kernels), as shown under Usage."
+    )
+
+    @classmethod
+    def cpu_usage_lines(cls, facts: Any) -> list[str] | None:
+        return [
+            "import torch",
+            "from qconvert.convert.bnb_cpu import load_pipeline_on_cpu",
+            "",
+            f"pipe = load_pipeline_on_cpu({json.dumps(facts.repo)}, dtype=torch.{facts.dtype})",
+        ]
+
+    # --- validation --------------------------------------------------------------------------
+
+    @classmethod
+    def load_for_validation(cls, out: Path, manifest: dict[str, Any], ref_root: Path, *, dtype: Any, device: str) -> Any:
+        if device == "cpu":  # diffusers refuses bnb without a GPU: what the card's CPU part does
+            from .bnb_cpu import load_pipeline_on_cpu
+
+            return load_pipeline_on_cpu(out, dtype=dtype)
+        from diffusers import FluxPipeline
+
+        pipe = FluxPipeline.from_pretrained(out, dtype=dtype)
+        for name in ("text_encoder", "vae"):  # the bnb components are placed on the GPU already
+            getattr(pipe, name).to(device)
+        return pipe
+
+    @classmethod
+    def validation_environment(cls, pipe: Any, device: str) -> dict[str, Any]:
+        if device.startswith("cuda"):
+            return {}
+        from .bnb_cpu import describe_cpu_paths
+
+        return {"bnb_cpu_kernels": describe_cpu_paths(pipe)}  # which of bitsandbytes' CPU kernels ran

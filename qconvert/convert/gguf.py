@@ -65,16 +65,17 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .. import __version__, flux
 from ..errors import InputError, NotAFluxModel, UsageError
 from ..output import public_identity
 from ..plan import CAST, KEEP, QUANTIZE, ComponentPlan, Policy, Rule, TensorPlan
 from ..sources import Component, FileSegment, SourceTensor, read_safetensors_header
-from .base import Backend, ModelFacts, ProgressFn
+from .base import GGUF_FILES, Backend, ModelFacts, ProgressFn
+
+if TYPE_CHECKING:  # numpy is imported where arrays are made: importing the backend stays cheap
+    import numpy as np
 
 # --- schemes and types (data) ----------------------------------------------------------------
 
@@ -266,6 +267,8 @@ def _natural_key(name: str) -> list[Any]:
 
 
 def _to_f32(raw: np.ndarray, src: str) -> np.ndarray:
+    import numpy as np
+
     if src == "BF16":
         return (raw.astype(np.uint32) << 16).view(np.float32)
     return np.ascontiguousarray(raw, dtype=np.float32)
@@ -277,6 +280,8 @@ def encode_array(raw: np.ndarray, src: str, target: str) -> np.ndarray:
     ``raw`` holds the source values: float32 or float16, or bfloat16 as uint16 bits. The
     result's bytes are the tensor data exactly as GGUF stores it.
     """
+    import numpy as np
+
     if target == src:
         return np.ascontiguousarray(raw)
     if target == "BF16" and src != "BF16":
@@ -313,6 +318,7 @@ def encode_unit(
 ) -> np.ndarray:
     """One work unit: optionally check the rows (torch view, no copy), then encode them."""
     if check is not None:
+        import numpy as np
         import torch
 
         t = torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16) if src == "BF16" else torch.from_numpy(raw)
@@ -322,6 +328,7 @@ def encode_unit(
 
 def _raw_numpy(tensor: Any) -> tuple[np.ndarray, str]:
     """A torch tensor's values as numpy without a copy (bfloat16 as uint16 bits)."""
+    import numpy as np
     import torch
 
     t = tensor.detach().contiguous()
@@ -361,9 +368,6 @@ class _Job:
 
 class GGUFBackend(Backend):
     name = "gguf"
-    package = "gguf"
-    extra = "gguf"
-    layout = "gguf"
     schemes: ClassVar[dict[str, str]] = {
         "F16": "float16 (1-D and small tensors F32)",
         "BF16": "bfloat16 (1-D and small tensors F32)",
@@ -381,6 +385,16 @@ class GGUFBackend(Backend):
         "Q3_K_S": "3.44-bit K-quant",
         "Q2_K": "2.63-bit K-quant",
     }
+    accepted_options = ("jobs", "layout", "pool")  # one .gguf file per model: no shards
+    cli_flags = ("jobs", "layout")
+    extra = "gguf"
+    import_names = ("gguf",)
+    pip_package = "gguf"
+    version_packages = ("gguf",)
+    warm_up_modules = ("gguf", "diffusers.quantizers.gguf.utils")
+    container = GGUF_FILES
+    hub_library_name = "gguf"
+    card_loader = "`FluxTransformer2DModel.from_single_file`"
 
     def __init__(self, scheme: str, **options: Any) -> None:
         if scheme not in self.schemes:
@@ -603,6 +617,7 @@ class GGUFBackend(Backend):
         executor: Executor | None,
     ) -> None:
         import gguf
+        import numpy as np
 
         sources = {out: t for out, (t, _) in self.output_tensors(comp, facts).items()}
         plans = list(cp.tensors)
@@ -685,6 +700,109 @@ class GGUFBackend(Backend):
                 raw, src = _raw_numpy(part)
                 del part
                 yield i, encode_unit, (raw, src, str(tp.target), tp.name, check_tensor)
+
+
+    # --- cards: a single-file GGUF transformer (and T5) + the base pipeline ------------------
+
+    @classmethod
+    def card_method(cls, manifest: dict[str, Any]) -> str:
+        layout = (manifest.get("options") or {}).get("layout") or "bfl"
+        names = (
+            "diffusers tensor names (loads in diffusers at any model width)"
+            if layout == "diffusers"
+            else "Black Forest Labs tensor names, as ComfyUI-GGUF expects (diffusers converts them on load)"
+        )
+        text = (
+            f"Single-file GGUF {manifest.get('scheme')} with {names}, following ComfyUI-GGUF's conventions (1-D and "
+            "small tensors and the input/output layers kept in F32). The files hold only the quantized models: the "
+            "VAE, the CLIP text encoder, the tokenizers and the configs come from the base pipeline."
+        )
+        if ((manifest.get("components") or {}).get("text_encoder_2") or {}).get("files"):
+            text += " transformers dequantizes the T5 GGUF when it loads it (a smaller download, not less memory)."
+        return text
+
+    @classmethod
+    def usage_lines(cls, facts: Any) -> list[str]:
+        base_imports, base_expr = facts.base_pipeline()
+        flux_files, t5_files = facts.files("transformer"), facts.files("text_encoder_2")
+        if not flux_files:
+            raise InputError(f"{facts.out}: qconvert.json lists no transformer .gguf file", hint="convert again")
+        imports = ["import torch", "from diffusers import FluxPipeline, FluxTransformer2DModel, GGUFQuantizationConfig"]
+        if t5_files:
+            imports.append("from transformers import T5Config, T5EncoderModel")
+        if facts.repo_id:  # from_single_file takes only huggingface.co URLs: download the file
+            imports.append("from huggingface_hub import hf_hub_download")
+            gguf_path = f"hf_hub_download(repo, {json.dumps(flux_files[0])})"
+        else:
+            gguf_path = f'f"{{repo}}/{flux_files[0]}"'
+        lines = imports + base_imports + [
+            "",
+            f"repo = {json.dumps(facts.repo)}",
+            f"base = {base_expr}  # the pipeline that supplies the VAE, CLIP, tokenizers and configs",
+            f"dtype = torch.{facts.dtype}",
+            "transformer = FluxTransformer2DModel.from_single_file(",
+            f"    {gguf_path},",
+            "    quantization_config=GGUFQuantizationConfig(compute_dtype=dtype),",
+            "    config=base,",
+            '    subfolder="transformer",',
+            "    dtype=dtype,",
+            ")",
+        ]
+        parts = "transformer=transformer"
+        if t5_files:
+            lines += [
+                "text_encoder_2 = T5EncoderModel.from_pretrained(",
+                f"    repo, gguf_file={json.dumps(t5_files[0])},",
+                '    config=T5Config.from_pretrained(base, subfolder="text_encoder_2"), dtype=dtype,',
+                ")",
+            ]
+            parts += ", text_encoder_2=text_encoder_2"
+        lines += [
+            f"pipe = FluxPipeline.from_pretrained(base, {parts}, dtype=dtype)",
+            'pipe.to("cuda" if torch.cuda.is_available() else "cpu")',
+        ]
+        return lines
+
+    # --- validation ---------------------------------------------------------------------------
+
+    @classmethod
+    def check_loadable(cls, options: dict[str, Any], transformer_config: dict[str, Any]) -> None:
+        cfg = transformer_config
+        width = int(cfg.get("num_attention_heads", 0)) * int(cfg.get("attention_head_dim", 0))
+        if (options.get("layout") or "bfl") == "bfl" and width != 3072:
+            raise InputError(
+                f"diffusers loads BFL-layout GGUF files only at Flux width 3072 (this model is {width} wide)",
+                hint="convert with --layout diffusers to validate it, or pass --no-validate",
+            )
+
+    @classmethod
+    def load_for_validation(cls, out: Path, manifest: dict[str, Any], ref_root: Path, *, dtype: Any, device: str) -> Any:
+        from diffusers import FluxPipeline, FluxTransformer2DModel, GGUFQuantizationConfig
+
+        tcfg = json.loads((Path(ref_root) / "transformer" / "config.json").read_text())
+        cls.check_loadable(manifest.get("options", {}), tcfg)
+        ggufs = sorted(Path(out).glob("*.gguf"))
+        t5_files = [p for p in ggufs if p.name.startswith(FILE_PREFIX["text_encoder_2"] + "-")]
+        flux_files = [p for p in ggufs if p not in t5_files]
+        if not flux_files:
+            raise InputError(f"{out} has no transformer .gguf file", hint="convert again")
+        transformer = FluxTransformer2DModel.from_single_file(
+            str(flux_files[0]),
+            quantization_config=GGUFQuantizationConfig(compute_dtype=dtype),
+            config=str(ref_root),
+            subfolder="transformer",
+            dtype=dtype,
+        )
+        parts: dict[str, Any] = {"transformer": transformer}
+        if t5_files:
+            from transformers import T5Config, T5EncoderModel
+
+            parts["text_encoder_2"] = T5EncoderModel.from_pretrained(
+                str(out), gguf_file=t5_files[0].name,
+                config=T5Config.from_pretrained(ref_root / "text_encoder_2"), dtype=dtype,
+            )  # fmt: skip
+        pipe = FluxPipeline.from_pretrained(ref_root, dtype=dtype, **parts)
+        return pipe if device == "cpu" else pipe.to(device)
 
 
 def _row_chunks(shape: tuple[int, ...]) -> list[tuple[int, int] | None]:

@@ -32,14 +32,20 @@ _CONFIGS = {
 
 class TorchAOBackend(Backend):
     name = "torchao"
-    package = "torchao"
-    extra = "torchao"
     schemes: ClassVar[dict[str, str]] = {
-        "int8wo": "int8 weight-only, per-row scales (CPU and GPU)",
-        "fp8wo": "float8 e4m3 weight-only, per-row scales",
-        "int8dq": "int8 dynamic activation + int8 weight (W8A8)",
-        "int4wo": "int4 weight-only, group size 128 (GPU only)",
+        "int8wo": "int8 weight-only, per-row scales (torchao Int8WeightOnlyConfig; CPU and GPU)",
+        "fp8wo": "float8 e4m3 weight-only, per-row scales (torchao Float8WeightOnlyConfig)",
+        "int8dq": "int8 dynamic activations + int8 weights, W8A8 (torchao Int8DynamicActivationInt8WeightConfig)",
+        "int4wo": "int4 weight-only, group size 128 (torchao Int4WeightOnlyConfig; CUDA only)",
     }
+    accepted_options = ("jobs", "max_shard_size")
+    cli_flags = ("jobs", "max_shard_size")
+    extra = "torchao"
+    import_names = ("torchao",)
+    pip_package = "torchao"
+    pin_version = True  # torchao checkpoints are tied to the torchao version that wrote them
+    version_packages = ("torchao",)
+    warm_up_modules = ("torchao.quantization", "diffusers.quantizers.torchao.torchao_quantizer")
 
     def __init__(self, scheme: str, **options: Any) -> None:
         super().__init__(scheme, **options)
@@ -134,3 +140,15 @@ class TorchAOBackend(Backend):
         else:
             from transformers import TorchAoConfig
         return TorchAoConfig(self.torchao_config()).to_dict()
+
+    # --- cards ------------------------------------------------------------------------------
+
+    @classmethod
+    def card_method(cls, manifest: dict[str, Any]) -> str:
+        version = (manifest.get("versions") or {}).get("torchao", "")
+        return (
+            f"The weights were quantized ahead of time with torchao {version} and saved as "
+            "safetensors in the layout diffusers and transformers write for torchao models, so a plain "
+            "`from_pretrained` loads them: nothing is quantized at load time. torchao checkpoints are tied to "
+            "the torchao version that wrote them: install exactly that version (below)."
+        )

@@ -189,56 +189,17 @@ def source_dtype(source: Any) -> Any:
 
 def check_loadable(backend: str, options: dict[str, Any], transformer_config: dict[str, Any]) -> None:
     """Raise if diffusers cannot load this output for validation (checked before converting too)."""
-    width = int(transformer_config.get("num_attention_heads", 0)) * int(transformer_config.get("attention_head_dim", 0))
-    if backend == "gguf" and (options.get("layout") or "bfl") == "bfl" and width != 3072:
-        raise InputError(
-            f"diffusers loads BFL-layout GGUF files only at Flux width 3072 (this model is {width} wide)",
-            hint="convert with --layout diffusers to validate it, or pass --no-validate",
-        )
+    from ..convert import backend_class
+
+    backend_class(backend).check_loadable(options, transformer_config)
 
 
 def load_quantized(out: Path, manifest: dict[str, Any], ref_root: Path, *, dtype: Any, device: str) -> Any:
-    """Load the output the way its card tells users to."""
-    from diffusers import FluxPipeline
+    """Load the output the way its card tells users to (the backend's ``load_for_validation``)."""
+    from ..convert import backend_class
 
-    if manifest.get("layout") == "gguf":
-        from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
-
-        tcfg = json.loads((Path(ref_root) / "transformer" / "config.json").read_text())
-        check_loadable("gguf", manifest.get("options", {}), tcfg)
-        ggufs = sorted(Path(out).glob("*.gguf"))
-        flux_files = [p for p in ggufs if not p.name.startswith("t5xxl-")]
-        if not flux_files:
-            raise InputError(f"{out} has no transformer .gguf file", hint="convert again")
-        transformer = FluxTransformer2DModel.from_single_file(
-            str(flux_files[0]),
-            quantization_config=GGUFQuantizationConfig(compute_dtype=dtype),
-            config=str(ref_root),
-            subfolder="transformer",
-            dtype=dtype,
-        )
-        parts: dict[str, Any] = {"transformer": transformer}
-        t5_files = [p for p in ggufs if p.name.startswith("t5xxl-")]
-        if t5_files:
-            from transformers import T5Config, T5EncoderModel
-
-            parts["text_encoder_2"] = T5EncoderModel.from_pretrained(
-                str(out), gguf_file=t5_files[0].name,
-                config=T5Config.from_pretrained(ref_root / "text_encoder_2"), dtype=dtype,
-            )  # fmt: skip
-        pipe = FluxPipeline.from_pretrained(ref_root, dtype=dtype, **parts)
-    elif manifest.get("backend") == "bnb" and device == "cpu":  # diffusers refuses bnb without a GPU
-        from ..convert.bnb_cpu import load_pipeline_on_cpu
-
-        pipe = load_pipeline_on_cpu(out, dtype=dtype)
-    else:
-        pipe = FluxPipeline.from_pretrained(out, dtype=dtype)
-    if device != "cpu" and manifest.get("backend") != "bnb":
-        pipe.to(device)
-    elif device != "cpu":
-        for name in ("text_encoder", "vae"):
-            getattr(pipe, name).to(device)
-    return pipe
+    loader = backend_class(manifest["backend"]).load_for_validation
+    return loader(Path(out), manifest, Path(ref_root), dtype=dtype, device=device)
 
 
 def load_reference(source: Any, *, dtype: Any, device: str) -> Any:
@@ -386,11 +347,6 @@ def _run(load: Any, prompts: list[str], *, steps: int, size: int, seed: int, dev
 
 
 _WARM: set[str] = set()
-_BACKEND_MODULES = {
-    "torchao": ("torchao.quantization", "diffusers.quantizers.torchao.torchao_quantizer"),
-    "bnb": ("bitsandbytes", "diffusers.quantizers.bitsandbytes.bnb_quantizer"),
-    "gguf": ("gguf", "diffusers.quantizers.gguf.utils"),
-}
 
 
 def _warm_up_cpu_libraries(backend: str) -> None:
@@ -409,11 +365,12 @@ def _warm_up_cpu_libraries(backend: str) -> None:
     import torch
     from diffusers import FluxPipeline
 
+    from ..convert import backend_class
     from ..tiny import builtin_path
 
     if backend not in _WARM:
         _WARM.add(backend)
-        for module in _BACKEND_MODULES.get(backend, ()):
+        for module in backend_class(backend).warm_up_modules:
             with contextlib.suppress(ImportError):
                 importlib.import_module(module)
     if "pipeline" in _WARM:
@@ -512,11 +469,10 @@ def validate(
         prompts, steps=steps, size=size, seed=seed, device=dev,
     )  # fmt: skip
     tconfig = dict(q_pipe.transformer.config)
-    bnb_cpu = None
-    if manifest.get("backend") == "bnb" and not on_gpu:  # which of bitsandbytes' CPU kernels ran
-        from ..convert.bnb_cpu import describe_cpu_paths
+    from ..convert import backend_class
 
-        bnb_cpu = describe_cpu_paths(q_pipe)
+    backend = backend_class(manifest["backend"])
+    loaded_env = backend.validation_environment(q_pipe, dev)
     q_forward = _forward(q_pipe.transformer, transformer_forward_inputs(tconfig, device=dev, dtype=dtype))
     q_t5 = _encode_t5(q_pipe, prompts[0], dev)
     del q_pipe
@@ -581,10 +537,9 @@ def validate(
     env = {
         "device": dev,
         "device_name": torch.cuda.get_device_name() if on_gpu else platform.processor() or platform.machine(),
-        "versions": library_versions("torchao", "bitsandbytes", "gguf", "torchmetrics"),
+        "versions": library_versions(*backend.version_packages, "torchmetrics"),
+        **loaded_env,
     }
-    if bnb_cpu is not None:
-        env["bnb_cpu_kernels"] = bnb_cpu
     settings = {"device": dev, "dtype": str(dtype).replace("torch.", ""), "steps": steps, "size": size,
                 "seed": seed, "prompts": prompts, "reference": src.identity}  # fmt: skip
     report = ValidationReport(out, passed, checks, q_stats, r_stats, quality, settings, env, thresholds)
