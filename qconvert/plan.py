@@ -96,6 +96,7 @@ class Plan:
     source: dict[str, Any]
     components: list[ComponentPlan]
     layout: str = "pipeline"
+    scheme_text: str = ""  # the backend's one-line description of the scheme
 
     @property
     def bytes_in(self) -> int:
@@ -138,6 +139,8 @@ class Plan:
 
     def render(self, *, verbose: bool = False) -> str:
         lines = [f"plan: {self.backend} {self.scheme} ({self.layout} layout)"]
+        if self.scheme_text:
+            lines.append(f"  {self.scheme}: {self.scheme_text}")
         lines.append(f"{'component':<16}{'action':<10}{'tensors':>8}{'quant':>7}{'in':>12}{'out':>12}")
         for c in self.components:
             lines.append(

@@ -87,6 +87,16 @@ def test_flux_help_lists_every_scheme_with_its_text():
             assert f"{scheme} {' '.join(text.split())}" in help_text
 
 
+@pytest.mark.parametrize("name,cls", REGISTERED)
+def test_the_plan_shows_the_scheme_text(name, cls, source):
+    from qconvert.convert import get_backend, make_plan
+
+    scheme, options = CARD_CONVERSIONS[name]
+    plan, _ = make_plan(source, get_backend(name, scheme, **options), ("transformer",))
+    assert f"{scheme}: {cls.schemes[scheme]}" in plan.render()
+    assert plan.layout == cls.container
+
+
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory) -> dict[str, Path]:
     from qconvert.convert import convert

@@ -88,7 +88,10 @@ def make_plan(source: Source, backend: Any, components: tuple[str, ...]) -> tupl
                 )
             size = sum(p.stat().st_size for p in comp.folder.rglob("*") if p.is_file())
             comp_plans.append(ComponentPlan(name, "copy", None, [], size, size))
-    plan = Plan(backend.name, backend.scheme, source.identity, comp_plans, layout=backend.container)
+    plan = Plan(
+        backend.name, backend.scheme, source.identity, comp_plans,
+        layout=backend.container, scheme_text=backend.schemes[backend.scheme],
+    )  # fmt: skip
     return plan, facts
 
 
