@@ -129,6 +129,9 @@ def test_cards_take_scheme_text_and_usage_from_the_backend(name, cls, converted,
         card = card_text(out)
         assert text in card and f"--scheme {scheme}" in card
         assert cls.card_method(relabelled) in card
+    for key, value in manifest["options"].items():  # the reproduce command names the backend's flags
+        if key in cls.cli_flags:
+            assert f"--{key.replace('_', '-')} {value}" in card
     usage = extract_usage(card)
     assert "pipe = " in usage and "pipe(" in usage
     library = card.split("library_name: ", 1)[1].split("\n", 1)[0]

@@ -322,9 +322,11 @@ def reproduce_command(manifest: dict[str, Any], out_name: str) -> str:
     comps = opts.get("components")
     if comps and list(comps) != _DEFAULT_COMPONENTS:
         args += ["--components", ",".join(comps)]
-    for key, flag in (("layout", "--layout"), ("compute_dtype", "--compute-dtype"), ("max_shard_size", "--max-shard-size")):
+    from ..convert import backend_class
+
+    for key in backend_class(str(manifest["backend"])).cli_flags:  # the rest are not flags
         if opts.get(key) is not None:
-            args += [flag, str(opts[key])]
+            args += ["--" + key.replace("_", "-"), str(opts[key])]
     args += ["--out", out_name]
     import shlex
 

@@ -134,7 +134,7 @@ class BitsAndBytesBackend(Backend):
         "int8": "8-bit LLM.int8 (bitsandbytes): int8 weights, per-row float32 scales",
     }
     accepted_options = ("jobs", "max_shard_size", "compute_dtype", "quantize_keep_fp32")
-    cli_flags = ("jobs", "max_shard_size", "compute_dtype")
+    cli_flags = ("jobs", "compute_dtype", "max_shard_size")
     extra = "bnb"
     import_names = ("bitsandbytes",)
     pip_package = "bitsandbytes"
