@@ -222,7 +222,8 @@ def flux(
     The output is validated afterwards (load as a user would, generate, compare with the
     source) unless --no-validate; a failed validation exits 4.
     """
-    from .convert import SCHEMES, parse_components
+    from .convert import parse_components
+    from .job import Job, PushTarget, plan_of, run
     from .errors import UsageError
 
     push_only = {"--namespace": namespace, "--repo-id": repo_id, "--collection": collection,
@@ -230,144 +231,64 @@ def flux(
     stray = [flag for flag, value in push_only.items() if value is not None]
     if stray and not do_push:
         raise UsageError(f"{stray[0]} only applies with --push", hint=f"add --push, or drop {stray[0]}")
-    if collection is not None:  # checked as the Hub would, before an hour of converting
-        from .hubnames import check_collection_title
-
-        check_collection_title(collection)
-    if scheme not in SCHEMES[backend]:
-        raise UsageError(
-            f"unknown {backend} scheme {scheme!r}", hint=f"choose one of: {', '.join(SCHEMES[backend])}"
-        )
-    comps = parse_components(components)
-    if max_shard_size is not None:
-        from .convert.writers import parse_size
-
-        try:
-            if parse_size(max_shard_size) <= 0:
-                raise ValueError
-        except ValueError:
-            raise UsageError(f"--max-shard-size {max_shard_size!r} is not a size", hint="e.g. 5GB or 500MB") from None
-    options: dict[str, Any] = {
-        "compute_dtype": compute_dtype,
-        "layout": layout,
-        "jobs": jobs,
-        "max_shard_size": max_shard_size,
-    }
-    options = {k: v for k, v in options.items() if v is not None}
-    if out is None:
-        name = Path(source).stem if source.endswith(".safetensors") else source.rstrip("/").split("/")[-1]
-        out = Path("out") / f"{name}-{backend}-{scheme}"
-
-    _quiet_libraries(state.verbose)
-    from .convert import convert, get_backend, make_plan
-    from .sources import resolve_source
-
-    from .output import check_output
-
-    backend_obj = get_backend(backend, scheme, **options)
-    backend_obj.check_environment(device=not dry_run)  # a plan needs the library, not the GPU
-    token = hub_token()
-    if not dry_run:
-        check_output(out.absolute(), overwrite=overwrite)
-        # Everything that can fail after the conversion is checked before it: a bad --device,
-        # --thresholds file or push target must not cost a whole conversion.
-        if not no_validate:
-            from .validate import pick_device
-            from .validate.thresholds import load_thresholds
-
-            from .deps import require_for_validation
-
-            require_for_validation(backend)  # the conversion must not end in a missing torchmetrics
-            pick_device(device)
-            load_thresholds(backend, scheme, file=thresholds_file)
-        if do_push:
-            label = "--repo-id" if repo_id else "the repo id <namespace>/<--out folder name>"
-            repo_id = _push_repo_id(repo_id, namespace, out, token)
-            from .publish import check_push_target
-
-            check_push_target(repo_id, token=token, endpoint=hub_endpoint(), label=label)
-    t0 = time.perf_counter()
-    state.info(f"resolving source {source}")
-    src = resolve_source(source, revision=revision, base=base, token=token, endpoint=hub_endpoint())
-    if not dry_run and not no_validate:
-        from .validate import check_loadable
-
-        check_loadable(backend, options, src.components["transformer"].config)
-    if dry_run:
-        plan, _ = make_plan(src, backend_obj, comps)
-        if as_json:
-            click.echo(json.dumps(plan.to_dict(tensors=state.verbose > 0), indent=2))
-        else:
-            click.echo(plan.render(verbose=state.verbose > 0))
-        return
-    result = convert(
-        src, backend, scheme, out, components=comps, overwrite=overwrite,
-        progress=not state.quiet and not as_json, options=options,
+    options = {"compute_dtype": compute_dtype, "layout": layout, "jobs": jobs, "max_shard_size": max_shard_size}
+    target = PushTarget(repo_id, namespace, private, collection) if do_push else None
+    job = Job(
+        source, backend, scheme, out=out, revision=revision, base=base, components=parse_components(components),
+        options={k: v for k, v in options.items() if v is not None}, overwrite=overwrite, validate=not no_validate,
+        device=device, thresholds_file=thresholds_file, license=license_, push=target, token=hub_token(),
+        endpoint=hub_endpoint(), progress=not state.quiet and not as_json,
     )  # fmt: skip
-    elapsed = time.perf_counter() - t0
-    summary = {
-        "out": str(result.out),
-        "backend": backend,
-        "scheme": scheme,
-        "seconds": round(elapsed, 3),
-        "bytes_in": result.manifest["bytes_in"],
-        "bytes_out": result.manifest["bytes_out"],
-        "components": {
-            name: {
-                "action": c["action"],
-                "scheme": c["scheme"],
-                "bytes_in": c["bytes_in"],
-                "bytes_out": c["bytes_out"],
-                "seconds": round(result.seconds.get(name, 0.0), 3),
-            }
-            for name, c in result.manifest["components"].items()
-        },
-    }
-    report = None
-    if not no_validate:
-        from .validate import validate
-
-        state.info("validating (load as a user would, generate, compare with the source)")
-        report = validate(result.out, device=device, thresholds_file=thresholds_file, token=token, endpoint=hub_endpoint())
-        summary["validation"] = {"passed": report.passed, "failed": [c.name for c in report.checks if not c.passed]}
-    if as_json:
-        click.echo(json.dumps(summary, indent=2))
-    elif not state.quiet:
-        click.echo(_summary_table(summary))
-        if report is not None:
-            click.echo(report.table())
-    else:
-        click.echo(str(result.out))
-    if report is not None:
-        from .validate import raise_if_failed
-
-        raise_if_failed(report, after_convert=True)  # a failed validation never publishes
-    if do_push:
-        from .cards import render_card
-        from .publish import push
-
-        assert repo_id is not None  # set by the checks before converting
-        render_card(result.out, license=license_, token=token, endpoint=hub_endpoint())
-        pushed = push(result.out, repo_id, token=token, endpoint=hub_endpoint(), private=private,
-                      collection=collection, allow_unvalidated=no_validate, info=state.info)  # fmt: skip
-        if not state.quiet:  # what happened to the repo and the collection (stderr under --json)
-            click.echo("\n".join(pushed.outcome_lines()), err=as_json)
+    _quiet_libraries(state.verbose)
+    if dry_run:
+        state.info(f"resolving source {source}")
+        plan = plan_of(job)
+        click.echo(json.dumps(plan.to_dict(tensors=state.verbose > 0), indent=2) if as_json else plan.render(verbose=state.verbose > 0))
+        return
+    run(job, on_event=_FluxOutput(state, job, as_json))
 
 
-def _push_repo_id(repo_id: str | None, namespace: str | None, out: Path, token: str | None) -> str:
-    """--repo-id, or <namespace>/<out folder name> (namespace: the token's user by default)."""
-    if repo_id is not None:
-        return repo_id
-    if namespace is None:
-        from huggingface_hub import HfApi
+class _FluxOutput:
+    """Prints a job's events as `qconvert flux` shows them: the summary once converted (and
+    validated), then the validation table, then what happened on the Hub."""
 
-        from .errors import AuthError
+    def __init__(self, state: State, job: Any, as_json: bool) -> None:
+        self.state, self.job, self.as_json = state, job, as_json
+        self.t0 = time.perf_counter()
+        self.summary: dict[str, Any] = {}
 
-        try:
-            namespace = HfApi(endpoint=hub_endpoint(), token=token).whoami()["name"]
-        except Exception:  # noqa: BLE001 - any failure means no usable token
-            raise AuthError("cannot tell whose namespace to push to", hint="pass --namespace or --repo-id, and set HF_TOKEN") from None
-    return f"{namespace}/{Path(str(out)).name}"
+    def __call__(self, kind: str, value: Any) -> None:
+        if kind == "info":
+            self.state.info(value)
+        elif kind == "converted":
+            self.summary = _summary(value, self.job, time.perf_counter() - self.t0)
+            if not self.job.validate:
+                self.show(None)
+        elif kind == "validated":
+            self.summary["validation"] = {"passed": value.passed, "failed": [c.name for c in value.checks if not c.passed]}
+            self.show(value)
+        elif kind == "pushed" and not self.state.quiet:  # stderr under --json: stdout is the summary
+            click.echo("\n".join(value.outcome_lines()), err=self.as_json)
+
+    def show(self, report: Any) -> None:
+        if self.as_json:
+            click.echo(json.dumps(self.summary, indent=2))
+        elif not self.state.quiet:
+            click.echo(_summary_table(self.summary))
+            if report is not None:
+                click.echo(report.table())
+        else:
+            click.echo(self.summary["out"])
+
+
+def _summary(result: Any, job: Any, elapsed: float) -> dict[str, Any]:
+    components = {
+        name: {"action": c["action"], "scheme": c["scheme"], "bytes_in": c["bytes_in"], "bytes_out": c["bytes_out"],
+               "seconds": round(result.seconds.get(name, 0.0), 3)}
+        for name, c in result.manifest["components"].items()
+    }  # fmt: skip
+    return {"out": str(result.out), "backend": job.backend, "scheme": job.scheme, "seconds": round(elapsed, 3),
+            "bytes_in": result.manifest["bytes_in"], "bytes_out": result.manifest["bytes_out"], "components": components}  # fmt: skip
 
 
 @cli.command("validate", short_help="Load an output as a user would, generate, compare with the source.")

@@ -501,8 +501,10 @@ def push(
     log = info or (lambda msg: None)
     out = Path(out)
     _check_repo_id(repo_id, "--repo-id")
-    if collection is not None and not collection.strip():
-        raise UsageError("--collection needs a title", hint='e.g. --collection "FLUX.1-dev quantized"')
+    if collection is not None:
+        from .hubnames import check_collection_title
+
+        check_collection_title(collection)
     manifest = read_manifest(out)
     if keep_remote_files is None:
         # GGUF repos commonly hold many quantizations side by side (one file per scheme):

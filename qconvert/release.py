@@ -35,6 +35,7 @@ from typing import Any
 
 from . import __version__
 from .errors import EXIT_UNEXPECTED, QConvertError, UsageError, redact
+from .job import Job, PushTarget, check, check_source, resolve, run
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -124,18 +125,36 @@ def _check_thresholds(path: Path, text: str, table: Any, where: str, variant: in
 
 
 def load_plan(path: Path | str) -> ReleasePlan:
-    from .convert import SCHEMES, check_options, parse_components
-    from .sources import looks_like_repo_id
-
+    """Read and check a release plan: every mistake is one line naming the plan's line."""
     path = Path(path)
+    text, data = _read_toml(path)
+    rel = _release_table(path, text, data)
+    raw_variants = data.get("variant")
+    if not isinstance(raw_variants, list) or not raw_variants:
+        raise _plan_error(path, text, "no [[variant]] entries", "variant")
+    variants: list[Variant] = []
+    for i, rv in enumerate(raw_variants):
+        v = _variant(path, text, rel, rv, i)
+        if any(v.name == seen.name for seen in variants):
+            raise _plan_error(path, text, f"duplicate variant name {v.name!r}", "name", i)
+        variants.append(v)
+    return ReleasePlan(path, str(rel["source"]), rel.get("revision"), rel.get("base"), rel["namespace"],
+                       rel.get("collection"), rel.get("device"), rel.get("license"), variants)  # fmt: skip
+
+
+def _read_toml(path: Path) -> tuple[str, dict[str, Any]]:
     try:
         text = path.read_text()
     except OSError as e:
         raise UsageError(f"cannot read release plan {path}: {e.strerror}") from None
     try:
-        data = tomllib.loads(text)
+        return text, tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise UsageError(f"{path.name} is not valid TOML: {e}") from None
+
+
+def _release_table(path: Path, text: str, data: dict[str, Any]) -> dict[str, Any]:
+    """The checked ``[release]`` table."""
     rel = data.get("release")
     if not isinstance(rel, dict):
         raise _plan_error(path, text, "missing [release] table", "release")
@@ -144,84 +163,73 @@ def load_plan(path: Path | str) -> ReleasePlan:
             raise _plan_error(path, text, f"unknown key {k!r} in [release]", k)
     if not rel.get("source"):
         raise _plan_error(path, text, "[release] needs source = \"<Hub id, folder or tiny-flux>\"", "release")
-    namespace = rel.get("namespace")
-    if not namespace:
+    if not rel.get("namespace"):
         raise _plan_error(path, text, "[release] needs namespace = \"<user or org>\"", "release")
-    source = str(rel["source"])
-    source_name = source.rstrip("/").split("/")[-1].removesuffix(".safetensors")
-    pattern = rel.get("repo_pattern", "{source_name}-{backend}-{scheme}")
-    if not isinstance(pattern, str):
+    if not isinstance(rel.get("repo_pattern", ""), str):
         raise _plan_error(path, text, "repo_pattern must be a string", "repo_pattern")
     _check_thresholds(path, text, rel.get("thresholds", {}), "[release] thresholds", None)
-    if rel.get("collection") is not None:
-        from .hubnames import check_collection_title
+    from .hubnames import check_collection_title
+    from .validate import check_device_name
 
-        try:
-            check_collection_title(rel["collection"], "collection")
-        except UsageError as e:
-            raise _plan_error(path, text, f"{e.message} ({e.hint})", "collection") from None
-    device = rel.get("device")
-    if device is not None:
-        from .validate import check_device_name
+    for key, checker in (("collection", lambda v: check_collection_title(v, "collection")), ("device", check_device_name)):
+        if rel.get(key) is not None:
+            try:
+                checker(rel[key])
+            except UsageError as e:
+                raise _plan_error(path, text, f"{e.message} ({e.hint})", key) from None
+    return rel
 
-        try:
-            check_device_name(device)
-        except UsageError as e:
-            raise _plan_error(path, text, f"{e.message} ({e.hint})", "device") from None
-    default_components = rel.get("components")
-    raw_variants = data.get("variant")
-    if not isinstance(raw_variants, list) or not raw_variants:
-        raise _plan_error(path, text, "no [[variant]] entries", "variant")
-    variants: list[Variant] = []
-    seen: set[str] = set()
-    for i, rv in enumerate(raw_variants):
-        for k in rv:
-            if k not in _VARIANT_KEYS:
-                raise _plan_error(path, text, f"unknown key {k!r} in variant {i + 1}", k, i)
-        name = rv.get("name")
-        if not name or not _NAME_RE.match(str(name)):
-            raise _plan_error(path, text, f"variant {i + 1} needs a name of letters, digits, '.', '_' or '-'", "name", i)
-        if name in seen:
-            raise _plan_error(path, text, f"duplicate variant name {name!r}", "name", i)
-        seen.add(name)
-        backend = rv.get("backend")
-        if backend not in SCHEMES:
-            raise _plan_error(path, text, f"variant {name!r}: unknown backend {backend!r} (choose {', '.join(SCHEMES)})", "backend", i)
-        scheme = rv.get("scheme")
-        if scheme not in SCHEMES[backend]:
-            raise _plan_error(path, text, f"variant {name!r}: unknown {backend} scheme {scheme!r}", "scheme", i)
-        comps = rv.get("components", default_components)
-        try:
-            components = parse_components(",".join(comps) if isinstance(comps, list) else comps)
-        except UsageError as e:
-            raise _plan_error(path, text, f"variant {name!r}: {e.message} (components)", "components", i) from None
-        try:
-            repo_id = rv.get("repo_id") or f"{namespace}/" + pattern.format(
-                source_name=source_name, backend=backend, scheme=scheme, name=name
-            )
-        except (KeyError, IndexError, ValueError) as e:
-            raise _plan_error(
-                path, text, f"repo_pattern {pattern!r} cannot be filled ({e}): it may use "
-                "{source_name}, {backend}, {scheme} and {name}", "repo_pattern",
-            ) from None
-        if not looks_like_repo_id(str(repo_id)):
-            raise _plan_error(path, text, f"variant {name!r}: {repo_id!r} is not a Hub repo id (namespace/name)",
-                              "repo_id" if rv.get("repo_id") else "namespace", i if rv.get("repo_id") else None)
-        options = rv.get("options", {})
-        if not isinstance(options, dict):
-            raise _plan_error(path, text, f"variant {name!r}: options must be a table, e.g. options = {{ jobs = 2 }}", "options", i)
-        try:
-            check_options(backend, options)
-        except UsageError as e:
-            raise _plan_error(path, text, f"variant {name!r}: {e.message} ({e.hint})", "options", i) from None
-        _check_thresholds(path, text, rv.get("thresholds", {}), f"variant {name!r} thresholds", i)
-        thresholds = {**rel.get("thresholds", {}), **rv.get("thresholds", {})}
-        variants.append(
-            Variant(name, backend, scheme, repo_id, components, dict(options), thresholds,
-                    bool(rv.get("private", rel.get("private", False))))  # fmt: skip
-        )
-    return ReleasePlan(path, source, rel.get("revision"), rel.get("base"), namespace, rel.get("collection"),
-                       rel.get("device"), rel.get("license"), variants)  # fmt: skip
+
+def _variant(path: Path, text: str, rel: dict[str, Any], rv: dict[str, Any], i: int) -> Variant:
+    """One checked ``[[variant]]`` (``i``: its index in the plan)."""
+    from .convert import SCHEMES, check_options, parse_components
+
+    for k in rv:
+        if k not in _VARIANT_KEYS:
+            raise _plan_error(path, text, f"unknown key {k!r} in variant {i + 1}", k, i)
+    name = rv.get("name")
+    if not name or not _NAME_RE.match(str(name)):
+        raise _plan_error(path, text, f"variant {i + 1} needs a name of letters, digits, '.', '_' or '-'", "name", i)
+    backend, scheme = rv.get("backend"), rv.get("scheme")
+    if backend not in SCHEMES:
+        raise _plan_error(path, text, f"variant {name!r}: unknown backend {backend!r} (choose {', '.join(SCHEMES)})", "backend", i)
+    if scheme not in SCHEMES[backend]:
+        raise _plan_error(path, text, f"variant {name!r}: unknown {backend} scheme {scheme!r}", "scheme", i)
+    comps = rv.get("components", rel.get("components"))
+    try:
+        components = parse_components(",".join(comps) if isinstance(comps, list) else comps)
+    except UsageError as e:
+        raise _plan_error(path, text, f"variant {name!r}: {e.message} (components)", "components", i) from None
+    repo_id = _repo_id(path, text, rel, rv, i)
+    options = rv.get("options", {})
+    if not isinstance(options, dict):
+        raise _plan_error(path, text, f"variant {name!r}: options must be a table, e.g. options = {{ jobs = 2 }}", "options", i)
+    try:
+        check_options(backend, options)
+    except UsageError as e:
+        raise _plan_error(path, text, f"variant {name!r}: {e.message} ({e.hint})", "options", i) from None
+    _check_thresholds(path, text, rv.get("thresholds", {}), f"variant {name!r} thresholds", i)
+    thresholds = {**rel.get("thresholds", {}), **rv.get("thresholds", {})}
+    return Variant(name, backend, scheme, repo_id, components, dict(options), thresholds,
+                   bool(rv.get("private", rel.get("private", False))))  # fmt: skip
+
+
+def _repo_id(path: Path, text: str, rel: dict[str, Any], rv: dict[str, Any], i: int) -> str:
+    """The variant's ``repo_id``, or ``namespace/`` + ``repo_pattern`` filled in."""
+    from .sources import looks_like_repo_id
+
+    source_name = str(rel["source"]).rstrip("/").split("/")[-1].removesuffix(".safetensors")
+    pattern = rel.get("repo_pattern", "{source_name}-{backend}-{scheme}")
+    try:
+        repo_id = rv.get("repo_id") or f"{rel['namespace']}/" + pattern.format(
+            source_name=source_name, backend=rv["backend"], scheme=rv["scheme"], name=rv["name"])
+    except (KeyError, IndexError, ValueError) as e:
+        raise _plan_error(path, text, f"repo_pattern {pattern!r} cannot be filled ({e}): it may use "
+                          "{source_name}, {backend}, {scheme} and {name}", "repo_pattern") from None  # fmt: skip
+    if not looks_like_repo_id(str(repo_id)):
+        raise _plan_error(path, text, f"variant {rv['name']!r}: {repo_id!r} is not a Hub repo id (namespace/name)",
+                          "repo_id" if rv.get("repo_id") else "namespace", i if rv.get("repo_id") else None)  # fmt: skip
+    return str(repo_id)
 
 
 def matrix(plan: ReleasePlan, only: str | None = None) -> list[dict[str, Any]]:
@@ -289,12 +297,22 @@ def remote_is_current(repo_id: str, source_identity: dict[str, Any], v: Variant,
     )
 
 
-def _record_failure(state: dict[str, Any], workdir: Path, results: list[VariantResult], v: Variant, key: str,
-                    detail: str, exit_code: int, t0: float, log: Any) -> None:
+def _record_failure(state: dict[str, Any], workdir: Path, v: Variant, key: str, detail: str, exit_code: int,
+                    t0: float, log: Any) -> VariantResult:
     state[v.name] = {"fingerprint": key, "status": "failed", "error": detail}
     _save_state(workdir, state)
-    results.append(VariantResult(v.name, v.repo_id, "failed", detail, time.perf_counter() - t0, exit_code=exit_code))
     log(f"{v.name}: FAILED: {detail}")
+    return VariantResult(v.name, v.repo_id, "failed", detail, time.perf_counter() - t0, exit_code=exit_code)
+
+
+def variant_job(plan: ReleasePlan, v: Variant, *, workdir: Path, push: bool, token: str | None,
+                endpoint: str | None, progress: bool) -> Job:
+    """The :class:`~qconvert.job.Job` of one variant: what `qconvert flux` would run for it."""
+    target = PushTarget(repo_id=v.repo_id, private=v.private, collection=plan.collection) if push else None
+    return Job(plan.source, v.backend, v.scheme, out=workdir / v.name, revision=plan.revision, base=plan.base,
+               components=v.components, options=dict(v.options), overwrite=True, device=plan.device,
+               thresholds=dict(v.thresholds), card=True, license=plan.license, push=target, token=token,
+               endpoint=endpoint, progress=progress)  # fmt: skip
 
 
 def run_release(
@@ -309,71 +327,64 @@ def run_release(
     log: Any = print,
     progress: bool = False,
 ) -> list[VariantResult]:
-    from .convert import convert
-    from .sources import resolve_source
-
+    """Run every selected variant; the checks of all of them come before the first conversion."""
     variants = plan.select(only)
     workdir = Path(workdir)
-    results: list[VariantResult] = []
     if dry_run:  # writes nothing, not even the work folder
         todo = "convert, validate, card" + (", push" if push else "")
-        for v in variants:
-            results.append(VariantResult(v.name, v.repo_id, "dry-run",
-                                         f"would {todo}: {v.backend} {v.scheme} of {','.join(v.components)}"))  # fmt: skip
-        return results
+        return [VariantResult(v.name, v.repo_id, "dry-run", f"would {todo}: {v.backend} {v.scheme} of {','.join(v.components)}")
+                for v in variants]  # fmt: skip
+    todo = [(v, check(variant_job(plan, v, workdir=workdir, push=push, token=token, endpoint=endpoint,
+                                  progress=progress))) for v in variants]  # fmt: skip
+    source = resolve(todo[0][1])
+    for _, job in todo:
+        check_source(job, source)
     workdir.mkdir(parents=True, exist_ok=True)
     state = _load_state(workdir)
-    source = resolve_source(plan.source, revision=plan.revision, base=plan.base, token=token, endpoint=endpoint)
-    for v in variants:
-        t0 = time.perf_counter()
-        key = plan.fingerprint(v)
-        entry = state.get(v.name, {})
-        if entry.get("fingerprint") == key and entry.get("status") == "done" and (entry.get("pushed") or not push):
-            results.append(VariantResult(v.name, v.repo_id, "skipped", "already done (state file)", 0.0, entry.get("commit")))
-            log(f"{v.name}: already done, skipping")
-            continue
-        try:
-            if push and remote_is_current(v.repo_id, source.identity, v, token=token, endpoint=endpoint):
-                results.append(VariantResult(v.name, v.repo_id, "skipped", "remote already holds this variant"))
-                state[v.name] = {"fingerprint": key, "status": "done", "pushed": True}
-                _save_state(workdir, state)
-                log(f"{v.name}: {v.repo_id} is up to date, skipping")
-                continue
-            out = workdir / v.name
-            log(f"{v.name}: converting ({v.backend} {v.scheme})")
-            convert(source, v.backend, v.scheme, out, components=v.components, overwrite=True,
-                    progress=progress, options=v.options)  # fmt: skip
-            from .validate import raise_if_failed, validate
-
-            log(f"{v.name}: validating")
-            overrides = dict(v.thresholds)  # checked by load_plan; max_memory strings are parsed there too
-            report = validate(out, device=plan.device, overrides=overrides, token=token, endpoint=endpoint)
-            raise_if_failed(report)
-            from .cards import render_card
-
-            render_card(out, license=plan.license)
-            commit = None
-            if push:
-                from .publish import push as push_folder
-
-                log(f"{v.name}: pushing to {v.repo_id}")
-                r = push_folder(out, v.repo_id, token=token, endpoint=endpoint, private=v.private,
-                                collection=plan.collection)  # fmt: skip
-                commit = r.commit
-            state[v.name] = {"fingerprint": key, "status": "done", "pushed": push, "commit": commit}
-            _save_state(workdir, state)
-            results.append(VariantResult(v.name, v.repo_id, "done", "pushed" if push else "converted + validated",
-                                         time.perf_counter() - t0, commit))  # fmt: skip
-        except QConvertError as e:
-            _record_failure(state, workdir, results, v, key, e.one_line(), e.exit_code, t0, log)
-        except Exception as e:  # noqa: BLE001 - a bug in one variant must not stop the others
-            detail = redact(" ".join(f"unexpected failure: {type(e).__name__}: {e}".split()))[:400]
-            detail += f" (rerun with --only {v.name} --debug and report it)"
-            _record_failure(state, workdir, results, v, key, detail, EXIT_UNEXPECTED, t0, log)
+    results = [_run_variant(plan, v, job, source, state, workdir, log) for v, job in todo]
     report_data = {"plan": str(plan.path), "qconvert_version": __version__, "source": source.identity,
                    "variants": [asdict(r) for r in results]}  # fmt: skip
     (workdir / REPORT_NAME).write_text(json.dumps(report_data, indent=2, sort_keys=True) + "\n")
     return results
+
+
+def _run_variant(plan: ReleasePlan, v: Variant, job: Job, source: Any, state: dict[str, Any], workdir: Path,
+                 log: Any) -> VariantResult:
+    t0 = time.perf_counter()
+    key = plan.fingerprint(v)
+    entry = state.get(v.name, {})
+    pushing = job.push is not None
+    if entry.get("fingerprint") == key and entry.get("status") == "done" and (entry.get("pushed") or not pushing):
+        log(f"{v.name}: already done, skipping")
+        return VariantResult(v.name, v.repo_id, "skipped", "already done (state file)", 0.0, entry.get("commit"))
+    try:
+        if pushing and remote_is_current(v.repo_id, source.identity, v, token=job.token, endpoint=job.endpoint):
+            state[v.name] = {"fingerprint": key, "status": "done", "pushed": True}
+            _save_state(workdir, state)
+            log(f"{v.name}: {v.repo_id} is up to date, skipping")
+            return VariantResult(v.name, v.repo_id, "skipped", "remote already holds this variant")
+        log(f"{v.name}: converting ({v.backend} {v.scheme})")
+        result = run(job, source=source, checked=True, on_event=lambda kind, value: _log_event(log, v, kind, value))
+        commit = result.pushed.commit if result.pushed is not None else None
+    except QConvertError as e:
+        return _record_failure(state, workdir, v, key, e.one_line(), e.exit_code, t0, log)
+    except Exception as e:  # noqa: BLE001 - a bug in one variant must not stop the others
+        detail = redact(" ".join(f"unexpected failure: {type(e).__name__}: {e}".split()))[:400]
+        detail += f" (rerun with --only {v.name} --debug and report it)"
+        return _record_failure(state, workdir, v, key, detail, EXIT_UNEXPECTED, t0, log)
+    state[v.name] = {"fingerprint": key, "status": "done", "pushed": pushing, "commit": commit}
+    _save_state(workdir, state)
+    return VariantResult(v.name, v.repo_id, "done", "pushed" if pushing else "converted + validated",
+                         time.perf_counter() - t0, commit)  # fmt: skip
+
+
+def _log_event(log: Any, v: Variant, kind: str, value: Any) -> None:
+    if kind == "info":
+        log(f"{v.name}: {value}")
+    elif kind == "converted":
+        log(f"{v.name}: converted")
+    elif kind == "pushed":
+        log(f"{v.name}: pushed to {v.repo_id}")
 
 
 def summary_table(results: list[VariantResult]) -> str:

@@ -1,0 +1,108 @@
+"""The one conversion job behind `qconvert flux`, `qconvert release` and the Python API."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import assert_one_line_error, run_cli
+from qconvert import job as jobs
+from qconvert.errors import AuthError, InputError, OutputExists, UsageError, ValidationFailed
+
+
+def test_default_out_and_repo_name():
+    assert jobs.default_out("tiny-flux", "bnb", "nf4").as_posix() == "out/tiny-flux-bnb-nf4"
+    assert jobs.default_out("black-forest-labs/FLUX.1-dev", "gguf", "Q8_0").name == "FLUX.1-dev-gguf-Q8_0"
+    assert jobs.default_out("dir/flux1-dev.safetensors", "torchao", "int8wo").name == "flux1-dev-torchao-int8wo"
+
+
+def test_api_runs_convert_validate_card(tmp_path):
+    events: list[str] = []
+    job = jobs.Job("tiny-flux", "torchao", "int8wo", out=tmp_path / "o", card=True)
+    result = jobs.run(job, on_event=lambda kind, value: events.append(kind))
+    assert result.report.passed and (tmp_path / "o" / "README.md").is_file()
+    assert (tmp_path / "o" / "validation.json").is_file()
+    assert [e for e in events if e != "info"] == ["converted", "validated"]
+
+
+def test_api_checks_come_before_any_work(tmp_path):
+    """Each check that can fail after converting fails first, with the API's own words."""
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "thesis.txt").write_text("mine")
+    cases = [
+        (jobs.Job("tiny-flux", "torchao", "int8wo", out=tmp_path / "taken"), OutputExists),
+        (jobs.Job("tiny-flux", "torchao", "int9", out=tmp_path / "a"), UsageError),
+        (jobs.Job("tiny-flux", "gguf", "Q8_0", out=tmp_path / "b", options={"layout": "bfl"}), InputError),
+        (jobs.Job("tiny-flux", "torchao", "int8wo", out=tmp_path / "c", thresholds={"min_psrn": 3}), UsageError),
+        (jobs.Job("tiny-flux", "torchao", "int8wo", out=tmp_path / "d", push=jobs.PushTarget(repo_id="bad..id")), UsageError),
+    ]
+    for job, error in cases:
+        with pytest.raises(error):
+            jobs.run(job)
+        assert not job.out_dir.exists() or job.out_dir.name == "taken"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_a_failed_validation_raises_and_keeps_the_output(tmp_path):
+    job = jobs.Job("tiny-flux", "torchao", "int8wo", out=tmp_path / "o", thresholds={"min_psnr": 1000}, card=True)
+    with pytest.raises(ValidationFailed, match="psnr"):
+        jobs.run(job)
+    assert (tmp_path / "o" / "validation.json").is_file() and not (tmp_path / "o" / "README.md").exists()
+
+
+PLAN = """
+[release]
+source = "tiny-flux"
+namespace = "acme"
+
+[[variant]]
+name = "a"
+backend = "torchao"
+scheme = "int8wo"
+"""
+
+
+def _release(tmp_path, text, hub, *extra):
+    plan = tmp_path / "plan.toml"
+    plan.write_text(text)
+    env = {"HF_ENDPOINT": hub.endpoint, "HF_TOKEN": hub.token, "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0"}
+    return run_cli("-q", "release", str(plan), "--workdir", str(tmp_path / "work"), *extra, env=env)
+
+
+@pytest.mark.parametrize(
+    "variant, code, needle",
+    [
+        ('name = "b"\nbackend = "torchao"\nscheme = "fp8wo"\nrepo_id = "someone-else/x"\n', 5, "someone-else"),
+        ('name = "b"\nbackend = "gguf"\nscheme = "Q8_0"\noptions = { layout = "bfl" }\n', 3, "width 3072"),
+    ],
+    ids=["push-target-not-writable", "output-not-loadable"],
+)
+def test_a_release_gets_the_cli_checks_before_converting_anything(variant, code, needle, hub, tmp_path):
+    """The second variant's push target or loadability is wrong: the release fails before the
+    first variant converts (nothing in the work folder, nothing on the Hub)."""
+    proc = _release(tmp_path, PLAN + "\n[[variant]]\n" + variant, hub, "--push")
+    assert_one_line_error(proc, code=code, contains=needle)
+    work = tmp_path / "work"
+    assert not work.exists() or not any(p.name in ("a", "b") for p in work.iterdir())
+    assert not hub.repo_exists("acme/tiny-flux-a")
+
+
+def test_release_and_cli_write_the_same_output(hub, tmp_path):
+    """One job behind both: a release variant and the equivalent `qconvert flux` give the same files."""
+    proc = _release(tmp_path, PLAN, hub)
+    assert proc.returncode == 0, proc.stderr
+    flux = run_cli("-q", "flux", "--source", "tiny-flux", "--backend", "torchao", "--scheme", "int8wo",
+                   "--out", str(tmp_path / "cli"))  # fmt: skip
+    assert flux.returncode == 0, flux.stderr
+    a = json.loads((tmp_path / "work" / "a" / "qconvert.json").read_text())
+    b = json.loads((tmp_path / "cli" / "qconvert.json").read_text())
+    assert a["components"] == b["components"] and a["options"] == b["options"]
+
+
+def test_push_needs_a_namespace_it_can_tell(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    job = jobs.Job("tiny-flux", "torchao", "int8wo", out=tmp_path / "o", push=jobs.PushTarget(),
+                   endpoint="http://127.0.0.1:9")  # fmt: skip
+    with pytest.raises(AuthError, match="namespace"):
+        jobs.check(job)
