@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .flux import QUANTIZABLE
+from .families.flux import QUANTIZABLE
 
 EventFn = Callable[[str, Any], None]
 

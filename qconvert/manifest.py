@@ -79,6 +79,7 @@ def build_manifest(
         "tool": "qconvert",
         "qconvert_version": __version__,
         "source": source.identity,
+        "family": source.family.name,
         "backend": plan.backend,
         "scheme": plan.scheme,
         "layout": plan.layout,
@@ -105,3 +106,10 @@ def read_manifest(out: Path) -> dict[str, Any]:
     if not isinstance(data, dict) or not {"backend", "scheme", "source", "components"} <= set(data):
         raise InputError(f"{path} is not a qconvert manifest", hint="convert again")
     return data
+
+
+def manifest_family(manifest: dict[str, Any]) -> Any:
+    """The model family of an output (manifests before families were recorded: FLUX.1)."""
+    from .families import family
+
+    return family(str(manifest.get("family", "flux")))

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import flux
+from .families import Family, flux, for_pipeline_class, for_single_file
 from .output import sha256_of
 from .errors import (
     CorruptCheckpoint,
@@ -238,6 +238,7 @@ class Source:
     identity: dict[str, Any]
     model_index: dict[str, Any]
     components: dict[str, Component]
+    family: type[Family] = flux.Flux  # what it is: components, key maps, how it runs
 
 
 def _load_json(path: Path) -> dict[str, Any]:
@@ -302,15 +303,9 @@ def load_pipeline_folder(root: Path, *, spec: str, kind: str, identity: dict[str
             hint="pass a FluxPipeline folder, a Hub repo id or a BFL .safetensors file with --base",
         )
     model_index = _load_json(index_path)
-    cls = model_index.get("_class_name")
-    if cls != flux.PIPELINE_CLASS:
-        what = flux.KNOWN_OTHER_PIPELINES.get(str(cls), str(cls))
-        raise NotAFluxModel(
-            f"{spec} is a {what} pipeline ({cls}), not a FluxPipeline",
-            hint="qconvert converts Flux text-to-image pipelines",
-        )
+    fam = for_pipeline_class(model_index.get("_class_name"), spec)
     components: dict[str, Component] = {}
-    for name in flux.PIPELINE_COMPONENTS:
+    for name in fam.components:
         entry = model_index.get(name)
         if not entry or entry[0] is None:
             raise NotAFluxModel(f"{spec}: model_index.json has no {name} component", hint="pass a complete FluxPipeline folder")
@@ -319,7 +314,7 @@ def load_pipeline_folder(root: Path, *, spec: str, kind: str, identity: dict[str
             raise SourceNotFound(f"{spec}: component folder {name}/ is missing", hint="re-download the source")
         library, class_name = entry[0], entry[1]
         comp = Component(name, folder, library, class_name)
-        if name in {"transformer", "text_encoder", "text_encoder_2", "vae"}:
+        if name in fam.weight_components:
             comp.config = _load_json(folder / "config.json") if (folder / "config.json").is_file() else {}
             if not comp.config:
                 raise SourceNotFound(f"{spec}: {name}/config.json is missing", hint="re-download the source")
@@ -334,7 +329,7 @@ def load_pipeline_folder(root: Path, *, spec: str, kind: str, identity: dict[str
                     hint="convert from the original bf16 checkpoint",
                 )
         components[name] = comp
-    return Source(spec, kind, root, identity, model_index, components)
+    return Source(spec, kind, root, identity, model_index, components, fam)
 
 
 def _folder_fingerprint(root: Path) -> str:
@@ -578,7 +573,7 @@ def _bfl_source(
 ) -> Source:
     entries, _ = read_safetensors_header(path)
     keys = list(entries)
-    if not flux.looks_like_bfl_flux(keys):
+    if for_single_file(keys) is not flux.Flux:
         raise NotAFluxModel(
             f"{path.name} is {flux.guess_architecture(keys)}, not a Black Forest Labs Flux transformer",
             hint="pass a Flux transformer .safetensors (e.g. flux1-dev.safetensors) with --base, or a Flux pipeline",
@@ -632,5 +627,5 @@ def _bfl_source(
         "sha256": sha256_of(path),
         "base": base_src.identity,
     }
-    return Source(spec, "bfl", base_src.root, identity, base_src.model_index, components)
+    return Source(spec, "bfl", base_src.root, identity, base_src.model_index, components, base_src.family)
 

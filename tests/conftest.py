@@ -80,7 +80,7 @@ def export_bfl(transformer_dir: Path, out_file: Path) -> Path:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from qconvert import flux
+    from qconvert.families import flux
     from qconvert.sources import describe_files
 
     files = sorted(Path(transformer_dir).glob("*.safetensors"))

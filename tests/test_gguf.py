@@ -20,7 +20,7 @@ import torch
 
 import gguf
 
-from qconvert import flux
+from qconvert.families import flux
 from qconvert.convert import SCHEMES
 from qconvert.convert import gguf as G
 from qconvert.plan import KEEP, QUANTIZE, TensorPlan

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import faults, flux
+from .. import faults
+from ..families import flux
 from ..errors import CorruptCheckpoint, UsageError
 from ..manifest import MANIFEST_NAME, build_manifest
 from ..output import atomic_folder, check_disk_space, check_output, copy_file, copy_license_files, copy_tree, write_json
@@ -70,7 +71,11 @@ def make_plan(source: Source, backend: Any, components: tuple[str, ...]) -> tupl
 
     comp_plans: list[ComponentPlan] = []
     facts: dict[str, Any] = {}
-    for name in flux.PIPELINE_COMPONENTS:
+    unknown = [c for c in components if c not in source.family.quantizable]
+    if unknown:
+        raise UsageError(f"a {source.family.label} pipeline has no component {unknown[0]!r} to quantize",
+                         hint=f"--components takes: {', '.join(source.family.quantizable)}")  # fmt: skip
+    for name in source.family.components:
         comp = source.components[name]
         if name in components and name in backend.supported_components:
             facts[name] = model_facts(comp)

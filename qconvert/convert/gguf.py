@@ -67,7 +67,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .. import __version__, flux
+from .. import __version__
+from ..families import flux
 from ..errors import InputError, NotAFluxModel, UsageError
 from ..output import public_identity
 from ..plan import CAST, KEEP, QUANTIZE, ComponentPlan, Policy, Rule, TensorPlan

@@ -203,32 +203,30 @@ def load_quantized(out: Path, manifest: dict[str, Any], ref_root: Path, *, dtype
 
 
 def load_reference(source: Any, *, dtype: Any, device: str) -> Any:
-    from diffusers import FluxPipeline, FluxTransformer2DModel
-
+    """The source as its users load it: the family's pipeline, a single file through diffusers."""
     parts = {}
     if source.kind == "bfl":
         comp = source.components["transformer"]
         width = int(comp.config.get("num_attention_heads", 0)) * int(comp.config.get("attention_head_dim", 0))
         if width == 3072:  # what a diffusers user would load
-            parts["transformer"] = FluxTransformer2DModel.from_single_file(
+            parts["transformer"] = source.family.transformer_type().from_single_file(
                 source.identity["path"], config=str(source.root), subfolder="transformer", dtype=dtype
             )
         else:  # diffusers' BFL converter assumes width 3072: read it through qconvert's own mapping
-            parts["transformer"] = _transformer_from_source(comp, dtype)
-    pipe = FluxPipeline.from_pretrained(source.root, dtype=dtype, **parts)
+            parts["transformer"] = _transformer_from_source(source.family, comp, dtype)
+    pipe = source.family.pipeline_type().from_pretrained(source.root, dtype=dtype, **parts)
     return pipe.to(device)
 
 
-def _transformer_from_source(comp: Any, dtype: Any) -> Any:
-    """The source transformer as diffusers names it (BFL files: renamed and split the way the
-    conversion reads them), loaded into a ``FluxTransformer2DModel``."""
+def _transformer_from_source(family: Any, comp: Any, dtype: Any) -> Any:
+    """The source transformer as diffusers names it (single files: renamed and split the way
+    the conversion reads them), loaded into the family's transformer class."""
     import torch
-    from diffusers import FluxTransformer2DModel
 
     from ..sources import TensorReader
 
     with torch.device("meta"):
-        model = FluxTransformer2DModel.from_config(comp.config)
+        model = family.transformer_type().from_config(comp.config)
     with TensorReader() as reader:
         state = {name: reader.load(t).to(dtype) for name, t in comp.tensors.items()}
     model.load_state_dict(state, strict=True, assign=True)
@@ -283,7 +281,8 @@ class _Meter:
         return self._sampler.peak_rss
 
 
-def _generate(pipe: Any, prompts: list[str], *, steps: int, size: int, seed: int, meter: _Meter) -> tuple[Any, float, float]:
+def _generate(pipe: Any, prompts: list[str], *, steps: int, size: int, seed: int, meter: _Meter,
+              family: Any) -> tuple[Any, float, float]:
     """Images (N,3,H,W) in [0,1], median seconds per step (first step excluded), total seconds."""
     import torch
 
@@ -303,10 +302,8 @@ def _generate(pipe: Any, prompts: list[str], *, steps: int, size: int, seed: int
         gen = torch.Generator("cpu").manual_seed(seed + k)
         meter.sync()
         last[0] = time.perf_counter()
-        out = pipe(
-            prompt, num_inference_steps=steps, height=size, width=size, generator=gen,
-            output_type="pt", callback_on_step_end=on_step, max_sequence_length=64,
-        ).images  # fmt: skip
+        args = family.validation_args(steps=steps, size=size)
+        out = pipe(prompt, generator=gen, output_type="pt", callback_on_step_end=on_step, **args).images
         images.append(out.float().cpu())
     meter.sync()
     total = time.perf_counter() - t0
@@ -324,7 +321,8 @@ def show_library_progress(show: bool) -> None:
     _LIBRARY_PROGRESS[0] = show
 
 
-def _run(load: Any, prompts: list[str], *, steps: int, size: int, seed: int, device: str) -> tuple[Any, RunStats, Any]:
+def _run(load: Any, prompts: list[str], *, steps: int, size: int, seed: int, device: str,
+         family: Any) -> tuple[Any, RunStats, Any]:
     import gc
 
     from .metrics import module_bytes
@@ -341,7 +339,8 @@ def _run(load: Any, prompts: list[str], *, steps: int, size: int, seed: int, dev
     stats.transformer_bytes = module_bytes(pipe.transformer)
     stats.text_encoder_2_bytes = module_bytes(pipe.text_encoder_2)
     meter.start_peak()
-    images, stats.step_s, stats.generate_s = _generate(pipe, prompts, steps=steps, size=size, seed=seed, meter=meter)
+    images, stats.step_s, stats.generate_s = _generate(pipe, prompts, steps=steps, size=size, seed=seed, meter=meter,
+                                                       family=family)  # fmt: skip
     stats.peak_memory = meter.peak() - (0 if device.startswith("cuda") else before)
     return pipe, stats, images
 
@@ -437,9 +436,8 @@ def validate(
     Raises nothing for failed checks: the report's ``passed`` says; callers decide (the CLI
     exits 4 naming the first failed check).
     """
-    import torch
-
     out = Path(out)
+    from ..convert import backend_class
     from ..manifest import read_manifest
 
     manifest = read_manifest(out)
@@ -447,66 +445,108 @@ def validate(
 
     require_for_validation(manifest["backend"])  # before minutes of loading and generating
     dev = pick_device(device)
-    on_gpu = dev.startswith("cuda")
+    steps, size = _run_settings(steps, size, on_gpu=dev.startswith("cuda"))
+    prompts = list(prompts or DEFAULT_PROMPTS)
+    thresholds = load_thresholds(manifest["backend"], manifest["scheme"], file=thresholds_file, overrides=overrides)
+    src = reference_source(manifest, reference, token=token, endpoint=endpoint)
+    run = _Settings(dev, source_dtype(src), steps, size, seed, prompts, src.family)
+    backend = backend_class(manifest["backend"])
+    if not dev.startswith("cuda"):
+        _warm_up_cpu_libraries(manifest["backend"])
+    quantized, tconfig, loaded_env = _measure(lambda: load_quantized(out, manifest, src.root, dtype=run.dtype, device=dev),
+                                              run, backend=backend)  # fmt: skip
+    reference_run = _reference_run(src, run, tconfig)
+    quality = _quality(quantized, reference_run)
+    checks = _checks(quality, quantized.stats, thresholds)
+    env = _environment(dev, backend, loaded_env)
+    settings = {"device": dev, "dtype": str(run.dtype).replace("torch.", ""), "steps": steps, "size": size,
+                "seed": seed, "prompts": prompts, "reference": src.identity}  # fmt: skip
+    report = ValidationReport(out, all(c.passed for c in checks), checks, quantized.stats, reference_run.stats,
+                              quality, settings, env, thresholds)  # fmt: skip
+    if write:
+        report.samples = _write_samples(out, quantized.images, reference_run.images)
+        from ..output import write_json
+
+        write_json(out / VALIDATION_NAME, report.to_dict())
+    return report
+
+
+@dataclass(frozen=True)
+class _Settings:
+    device: str
+    dtype: Any
+    steps: int
+    size: int
+    seed: int
+    prompts: list[str]
+    family: Any
+
+
+@dataclass
+class _Measured:
+    """One pipeline's run: its stats, images, one transformer forward and the text encoding."""
+
+    stats: RunStats
+    images: Any
+    forward: Any
+    text: Any
+
+
+def _run_settings(steps: int | None, size: int | None, *, on_gpu: bool) -> tuple[int, int]:
     steps = 4 if steps is None else steps
     size = (1024 if on_gpu else 32) if size is None else size
     if steps < 2:
         raise UsageError(f"--steps must be at least 2, not {steps}", hint="the first step is excluded from timing: e.g. --steps 4")
     if size < 16 or size % 16:
         raise UsageError(f"--size must be a multiple of 16 of at least 16, not {size}", hint="e.g. --size 1024 (Flux: VAE 8 x patch 2)")
-    prompts = list(prompts or DEFAULT_PROMPTS)
-    thresholds = load_thresholds(manifest["backend"], manifest["scheme"], file=thresholds_file, overrides=overrides)
+    return steps, size
 
-    from .metrics import transformer_forward_inputs
 
-    src = reference_source(manifest, reference, token=token, endpoint=endpoint)
-    dtype = source_dtype(src)
+def _measure(load: Any, run: _Settings, *, backend: Any = None,
+             tconfig: dict[str, Any] | None = None) -> tuple[_Measured, dict[str, Any], dict[str, Any]]:
+    """Load, generate, one forward on fixed inputs, encode the first prompt; then free the pipeline."""
+    pipe, stats, images = _run(load, run.prompts, steps=run.steps, size=run.size, seed=run.seed, device=run.device,
+                               family=run.family)  # fmt: skip
+    tconfig = tconfig or dict(pipe.transformer.config)
+    loaded_env = backend.validation_environment(pipe, run.device) if backend is not None else {}
+    inputs = run.family.forward_inputs(tconfig, device=run.device, dtype=run.dtype)
+    measured = _Measured(stats, images.cpu(), _forward(pipe.transformer, inputs).cpu(),
+                         _encode_t5(pipe, run.prompts[0], run.device).cpu())  # fmt: skip
+    del pipe
+    _free(run.device)
+    return measured, tconfig, loaded_env
 
-    if not on_gpu:
-        _warm_up_cpu_libraries(manifest["backend"])
-    q_pipe, q_stats, q_images = _run(
-        lambda: load_quantized(out, manifest, src.root, dtype=dtype, device=dev),
-        prompts, steps=steps, size=size, seed=seed, device=dev,
-    )  # fmt: skip
-    tconfig = dict(q_pipe.transformer.config)
-    from ..convert import backend_class
 
-    backend = backend_class(manifest["backend"])
-    loaded_env = backend.validation_environment(q_pipe, dev)
-    q_forward = _forward(q_pipe.transformer, transformer_forward_inputs(tconfig, device=dev, dtype=dtype))
-    q_t5 = _encode_t5(q_pipe, prompts[0], dev)
-    del q_pipe
-    _free(dev)
-
+def _reference_run(src: Any, run: _Settings, tconfig: dict[str, Any]) -> _Measured:
+    """The source's run, memoized per process (see ``_REFERENCE_RUNS``)."""
     # the architecture, not where it was loaded from or how it was quantized
     arch = {k: v for k, v in tconfig.items() if not k.startswith("_") and k != "quantization_config"}
-    ref_key = json.dumps([src.identity, dev, str(dtype), steps, size, seed, prompts, arch], sort_keys=True, default=str)
-    reference_run = _REFERENCE_RUNS.get(ref_key)
-    if reference_run is None:
-        r_pipe, r_stats, r_images = _run(
-            lambda: load_reference(src, dtype=dtype, device=dev), prompts, steps=steps, size=size, seed=seed, device=dev
-        )
-        r_forward = _forward(r_pipe.transformer, transformer_forward_inputs(tconfig, device=dev, dtype=dtype))
-        r_t5 = _encode_t5(r_pipe, prompts[0], dev)
-        del r_pipe
-        _free(dev)
-        reference_run = (r_stats, r_images.cpu(), r_forward.cpu(), r_t5.cpu())
+    key = json.dumps([src.identity, run.device, str(run.dtype), run.steps, run.size, run.seed, run.prompts, arch],
+                     sort_keys=True, default=str)  # fmt: skip
+    if key not in _REFERENCE_RUNS:
+        measured, _, _ = _measure(lambda: load_reference(src, dtype=run.dtype, device=run.device), run, tconfig=tconfig)
         _REFERENCE_RUNS.clear()  # keep one: bounded memory
-        _REFERENCE_RUNS[ref_key] = reference_run
-    r_stats, r_images, r_forward, r_t5 = reference_run
-    q_forward, q_t5 = q_forward.cpu(), q_t5.cpu()
+        _REFERENCE_RUNS[key] = measured
+    return _REFERENCE_RUNS[key]
+
+
+def _quality(q: _Measured, r: _Measured) -> dict[str, Any]:
+    import torch
 
     from .metrics import image_quality, lpips, relative_error
 
-    quality: dict[str, Any] = image_quality(q_images, r_images)
-    quality["identical_images"] = bool(torch.equal(q_images, r_images))
-    quality["forward_rel_error"] = relative_error(q_forward, r_forward)
-    quality["t5_rel_error"] = relative_error(q_t5, r_t5)
-    quality["finite"] = bool(torch.isfinite(q_images).all())
-    quality["lpips"], quality["lpips_note"] = lpips(q_images, r_images)
-    reduction = r_stats.transformer_bytes / max(1, q_stats.transformer_bytes)
-    quality["memory_reduction"] = reduction
+    quality: dict[str, Any] = image_quality(q.images, r.images)
+    quality["identical_images"] = bool(torch.equal(q.images, r.images))
+    quality["forward_rel_error"] = relative_error(q.forward, r.forward)
+    quality["t5_rel_error"] = relative_error(q.text, r.text)
+    quality["finite"] = bool(torch.isfinite(q.images).all())
+    quality["lpips"], quality["lpips_note"] = lpips(q.images, r.images)
+    quality["memory_reduction"] = r.stats.transformer_bytes / max(1, q.stats.transformer_bytes)
+    return quality
 
+
+def _checks(quality: dict[str, Any], q_stats: RunStats, thresholds: Thresholds) -> list[Check]:
+    reduction = quality["memory_reduction"]
     checks = [
         Check("finite_images", 1.0 if quality["finite"] else 0.0, 1.0, ">=", quality["finite"],
               "" if quality["finite"] else "the quantized pipeline produced NaN/Inf"),
@@ -530,32 +570,24 @@ def validate(
     if thresholds.max_step_time is not None:
         checks.append(Check("max_step_time", q_stats.step_s, thresholds.max_step_time, "<=",
                             q_stats.step_s <= thresholds.max_step_time, "seconds per denoising step"))
-    passed = all(c.passed for c in checks)
+    return checks
+
+
+def _environment(device: str, backend: Any, loaded_env: dict[str, Any]) -> dict[str, Any]:
+    import torch
 
     from ..manifest import library_versions
 
-    env = {
-        "device": dev,
-        "device_name": torch.cuda.get_device_name() if on_gpu else platform.processor() or platform.machine(),
-        "versions": library_versions(*backend.version_packages, "torchmetrics"),
-        **loaded_env,
-    }
-    settings = {"device": dev, "dtype": str(dtype).replace("torch.", ""), "steps": steps, "size": size,
-                "seed": seed, "prompts": prompts, "reference": src.identity}  # fmt: skip
-    report = ValidationReport(out, passed, checks, q_stats, r_stats, quality, settings, env, thresholds)
-    if write:
-        report.samples = _write_samples(out, q_images, r_images)
-        from ..output import write_json
-
-        write_json(out / VALIDATION_NAME, report.to_dict())
-    return report
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or platform.machine()
+    return {"device": device, "device_name": name,
+            "versions": library_versions(*backend.version_packages, "torchmetrics"), **loaded_env}  # fmt: skip
 
 
 # The reference run (load the source, generate, forward) of the last validation in this
 # process, keyed by everything it depends on: several variants of one source (a release
 # plan, bench/gpu_check.py) validate against one reference run instead of reloading the
 # full-precision model each time.
-_REFERENCE_RUNS: dict[str, tuple[RunStats, Any, Any, Any]] = {}
+_REFERENCE_RUNS: dict[str, _Measured] = {}
 
 
 def _encode_t5(pipe: Any, prompt: str, device: str) -> Any:

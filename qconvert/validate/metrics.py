@@ -105,25 +105,3 @@ def relative_error(a: Any, b: Any) -> float:
     a, b = a.float(), b.float()
     denom = torch.linalg.vector_norm(b)
     return float(torch.linalg.vector_norm(a - b) / denom) if float(denom) > 0 else float(torch.linalg.vector_norm(a))
-
-
-def transformer_forward_inputs(config: dict[str, Any], *, device: str, dtype: Any, seed: int = 0) -> dict[str, Any]:
-    """Fixed inputs for one Flux transformer forward (8x8 latent patches, 16 text tokens)."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    grid = 8
-    img_ids = torch.zeros(grid, grid, 3)
-    img_ids[..., 1] = torch.arange(grid)[:, None]
-    img_ids[..., 2] = torch.arange(grid)[None, :]
-    inputs = {
-        "hidden_states": torch.randn(1, grid * grid, config["in_channels"], generator=g),
-        "encoder_hidden_states": torch.randn(1, 16, config["joint_attention_dim"], generator=g),
-        "pooled_projections": torch.randn(1, config["pooled_projection_dim"], generator=g),
-        "timestep": torch.tensor([0.5]),
-        "img_ids": img_ids.reshape(-1, 3),
-        "txt_ids": torch.zeros(16, 3),
-    }
-    if config.get("guidance_embeds"):
-        inputs["guidance"] = torch.tensor([3.5])
-    return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}

@@ -1,4 +1,4 @@
-"""Flux facts: pipeline components, architecture detection and the BFL <-> diffusers key map.
+"""The FLUX.1 text-to-image family: ``FluxPipeline``, its components, the BFL <-> diffusers key map.
 
 The key map is expressed as *recipes*: an output tensor is the concatenation, along dim 0, of
 row ranges of source tensors. That one form covers every case of the Flux map (renames,
@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
-PIPELINE_CLASS = "FluxPipeline"
+from . import Family
+
 # Components a FluxPipeline folder holds, in model_index.json order.
 PIPELINE_COMPONENTS = (
     "scheduler",
@@ -25,21 +27,6 @@ PIPELINE_COMPONENTS = (
 )
 # Components qconvert quantizes; everything else is copied byte for byte.
 QUANTIZABLE = ("transformer", "text_encoder_2")
-
-# model_index.json class names of pipelines people mistake for Flux, to name them in errors.
-KNOWN_OTHER_PIPELINES = {
-    "StableDiffusionPipeline": "Stable Diffusion 1.x/2.x",
-    "StableDiffusionXLPipeline": "Stable Diffusion XL",
-    "StableDiffusion3Pipeline": "Stable Diffusion 3",
-    "PixArtSigmaPipeline": "PixArt-Sigma",
-    "SanaPipeline": "Sana",
-    "AuraFlowPipeline": "AuraFlow",
-    "HunyuanDiTPipeline": "Hunyuan-DiT",
-    "LuminaText2ImgPipeline": "Lumina",
-    "FluxControlPipeline": "Flux Control (not plain text-to-image)",
-    "FluxFillPipeline": "Flux Fill (inpainting)",
-    "QwenImagePipeline": "Qwen-Image",
-}
 
 
 @dataclass(frozen=True)
@@ -265,3 +252,48 @@ def guess_architecture(keys: list[str]) -> str:
     if any(k.startswith("encoder.down_blocks") or k.startswith("decoder.up_blocks") for k in ks):
         return "a VAE"
     return "an unrecognized model"
+
+
+class Flux(Family):
+    name = "flux"
+    label = "FLUX.1"
+    pipeline_classes = ("FluxPipeline",)
+    pipeline_class = "FluxPipeline"
+    transformer_class = "FluxTransformer2DModel"
+    components = PIPELINE_COMPONENTS
+    weight_components = ("transformer", "text_encoder", "text_encoder_2", "vae")
+    quantizable = QUANTIZABLE
+    tags = ("flux",)
+    # ComfyUI-GGUF's and llama.cpp's names (see qconvert.convert.gguf)
+    gguf_arch: ClassVar[dict[str, str]] = {"transformer": "flux", "text_encoder_2": "t5encoder"}
+    gguf_file_prefix: ClassVar[dict[str, str]] = {"transformer": "flux1", "text_encoder_2": "t5xxl"}
+    builtin_sources = ("tiny-flux", "slim-flux")
+
+    @classmethod
+    def looks_like_single_file(cls, keys: list[str]) -> bool:
+        return looks_like_bfl_flux(keys)
+
+    @classmethod
+    def forward_inputs(cls, config: dict[str, Any], *, device: str, dtype: Any, seed: int = 0) -> dict[str, Any]:
+        """8x8 latent patches, 16 text tokens, timestep 0.5 (guidance 3.5 where it is embedded)."""
+        import torch
+
+        g = torch.Generator().manual_seed(seed)
+        grid = 8
+        img_ids = torch.zeros(grid, grid, 3)
+        img_ids[..., 1] = torch.arange(grid)[:, None]
+        img_ids[..., 2] = torch.arange(grid)[None, :]
+        inputs = {
+            "hidden_states": torch.randn(1, grid * grid, config["in_channels"], generator=g),
+            "encoder_hidden_states": torch.randn(1, 16, config["joint_attention_dim"], generator=g),
+            "pooled_projections": torch.randn(1, config["pooled_projection_dim"], generator=g),
+            "timestep": torch.tensor([0.5]),
+            "img_ids": img_ids.reshape(-1, 3),
+            "txt_ids": torch.zeros(16, 3),
+        }
+        if config.get("guidance_embeds"):
+            inputs["guidance"] = torch.tensor([3.5])
+        return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
+
+
+FAMILY = Flux

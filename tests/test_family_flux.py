@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qconvert import flux
+from qconvert.families import flux
 from qconvert.sources import describe_files
 
 
