@@ -122,7 +122,7 @@ def gather(
 def card_metadata(facts: CardFacts) -> Any:
     from huggingface_hub import ModelCardData
 
-    tags = list(dict.fromkeys(["quantized", facts.backend, facts.scheme, "flux", "qconvert"]))
+    tags = list(dict.fromkeys(["quantized", facts.backend, facts.scheme, *facts.family.tags, "qconvert"]))
     kwargs: dict[str, Any] = {}
     if facts.base_model:
         kwargs["base_model_relation"] = "quantized"
@@ -132,7 +132,7 @@ def card_metadata(facts: CardFacts) -> Any:
         license_name=facts.license.name,
         license_link=facts.license.link,
         library_name=facts.backend_class.hub_library_name,
-        pipeline_tag="text-to-image",
+        pipeline_tag=facts.family.pipeline_tag,
         tags=tags,
         **kwargs,
     )
@@ -408,10 +408,11 @@ def card_text(
             f" The transformer's weights shrink from {_human(t['bytes_in'])} to {_human(t['bytes_out'])} "
             f"({t['bytes_in'] / t['bytes_out']:.1f}× smaller on disk)."
         )
-    loader = facts.backend_class.card_loader
+    fam = facts.family
+    loader = facts.backend_class.card_loader.format(pipeline=fam.pipeline_class, transformer=fam.transformer_class)
     intro = (
-        f"A **{facts.backend} {facts.scheme}** pre-quantized version of {_source_phrase(facts)}, a FLUX "
-        f"text-to-image pipeline, made with qconvert {m.get('qconvert_version', __version__)}. It loads with "
+        f"A **{facts.backend} {facts.scheme}** pre-quantized version of {_source_phrase(facts)}, a {fam.label} "
+        f"{fam.pipeline_tag} pipeline, made with qconvert {m.get('qconvert_version', __version__)}. It loads with "
         f"{loader}.{ratio}"
     )
     grid = "samples/grid.png" if (facts.out / "samples" / "grid.png").is_file() else ""

@@ -70,6 +70,13 @@ class CardFacts:
         return backend_class(self.backend)
 
     @property
+    def family(self) -> Any:
+        """The output's model family (``qconvert.families``): pipeline class, card wording."""
+        from ..manifest import manifest_family
+
+        return manifest_family(self.manifest)
+
+    @property
     def files_only(self) -> bool:
         """The output holds only the converted models' files; the rest comes from the base."""
         from ..convert.base import PIPELINE_FOLDER

@@ -201,16 +201,17 @@ def describe_cpu_paths(pipe: Any) -> dict[str, Any]:
 
 
 def load_pipeline_on_cpu(path_or_repo_id: Any, dtype: Any = None, *, repack: str | None = None, **kwargs: Any) -> Any:
-    """``FluxPipeline.from_pretrained`` of a bitsandbytes checkpoint on a CPU-only machine.
+    """``from_pretrained`` of a bitsandbytes pipeline on a CPU-only machine (its ``model_index.json``
+    names the pipeline class, as for ``DiffusionPipeline.from_pretrained``).
 
     Lifts diffusers' GPU-only check while loading, then picks bitsandbytes' CPU path per layer
     (:func:`configure_cpu_repack`). ``kwargs`` go to ``from_pretrained``.
     """
     import torch
-    from diffusers import FluxPipeline
+    from diffusers import DiffusionPipeline
 
     with allow_bnb_on_cpu():
-        pipe = FluxPipeline.from_pretrained(path_or_repo_id, dtype=dtype or torch.bfloat16, **kwargs)
+        pipe = DiffusionPipeline.from_pretrained(path_or_repo_id, dtype=dtype or torch.bfloat16, **kwargs)
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             configure_cpu_repack(component, repack)

@@ -39,12 +39,12 @@ over *output* names; :func:`resolve_type` then applies the row-length fallback.
   then F16 when even 32 does not divide the row (ComfyUI-GGUF's forced fallback).
 
 Streaming: tensor infos go first (types and sizes are known from the plan), then header, KV
-and tensor-info data, then every tensor's data in plan order. Tensors are read in row chunks
-of about ``CHUNK_ELEMENTS`` elements (fixed, so the bytes are identical for any ``--jobs``)
-and encoded on a pool of ``--jobs`` workers (default: all cores); at most ``jobs + 1`` chunks
-are in flight, and the chunks of the tensor being written go to the file as they complete, so
-memory holds a few chunks whatever the model size (slim-flux, 1.1 GB bf16: ~70 MB above the
-process's baseline).
+and tensor-info data, then every tensor's data in plan order. The shared scheduler
+(:mod:`qconvert.convert.schedule`) reads every tensor in row chunks (the one chunk size, so the
+bytes are identical for any ``--jobs``), encodes them on ``--jobs`` workers (default: all
+cores) with at most ``jobs + 1`` chunks in flight, and :meth:`GGUFBackend.write_gguf` writes
+the chunks of the tensor being written to the file as they come, so memory holds a few chunks
+whatever the model size (slim-flux, 1.1 GB bf16: ~70 MB above the process's baseline).
 
 The pool is threads: numpy releases the GIL inside each vectorized pass, and the encoders
 share the mmapped source without copies. Measured on a 16-core host (Q4_K, 151M params):
@@ -56,14 +56,12 @@ torch (~370 MB each, 6 GB for 16) and on that host it peaked at ~60 Mparam/s (Q4
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import time
-from collections import deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -74,6 +72,7 @@ from ..output import public_identity
 from ..plan import CAST, KEEP, QUANTIZE, ComponentPlan, Policy, Rule, TensorPlan
 from ..sources import Component, FileSegment, SourceTensor, read_safetensors_header
 from .base import GGUF_FILES, Backend, ModelFacts, ProgressFn
+from .schedule import EncodedChunk, Scheduler, rows_per_chunk
 
 if TYPE_CHECKING:  # numpy is imported where arrays are made: importing the backend stays cheap
     import numpy as np
@@ -127,12 +126,7 @@ FILE_TYPES: dict[str, int] = {
     "Q2_K": 10,
 }  # fmt: skip
 
-ARCH = {"transformer": "flux", "text_encoder_2": "t5encoder"}
-FILE_PREFIX = {"transformer": "flux1", "text_encoder_2": "t5xxl"}
 LAYOUTS = ("bfl", "diffusers")
-
-# Rows per work unit: the largest whole number of rows within this many elements.
-CHUNK_ELEMENTS = 1 << 22
 
 _DTYPE_TO_TYPE = {"F32": "F32", "F16": "F16", "BF16": "BF16"}
 
@@ -314,19 +308,6 @@ def _quantize_k(x: np.ndarray, qtype: Any) -> np.ndarray:
     return KQUANTS[qtype].quantize(x, chunk_blocks=K_CHUNK_BLOCKS)
 
 
-def encode_unit(
-    raw: np.ndarray, src: str, target: str, name: str = "", check: Callable[[str, Any], None] | None = None
-) -> np.ndarray:
-    """One work unit: optionally check the rows (torch view, no copy), then encode them."""
-    if check is not None:
-        import numpy as np
-        import torch
-
-        t = torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16) if src == "BF16" else torch.from_numpy(raw)
-        check(name, t)
-    return encode_array(raw, src, target)
-
-
 def _raw_numpy(tensor: Any) -> tuple[np.ndarray, str]:
     """A torch tensor's values as numpy without a copy (bfloat16 as uint16 bits)."""
     import numpy as np
@@ -356,12 +337,6 @@ class _Streamed:
         for arr in self._chunks:
             arr.tofile(fh)
             self.written += arr.nbytes
-
-
-@dataclass
-class _Job:
-    index: int  # tensor index in the plan
-    future: Future
 
 
 # --- backend ---------------------------------------------------------------------------------------
@@ -395,7 +370,7 @@ class GGUFBackend(Backend):
     warm_up_modules = ("gguf", "diffusers.quantizers.gguf.utils")
     container = GGUF_FILES
     hub_library_name = "gguf"
-    card_loader = "`FluxTransformer2DModel.from_single_file`"
+    card_loader = "`{transformer}.from_single_file`"
 
     def __init__(self, scheme: str, **options: Any) -> None:
         if scheme not in self.schemes:
@@ -481,49 +456,45 @@ class GGUFBackend(Backend):
             out[g] = (comp.tensors[name], name in linear)
         return dict(sorted(out.items(), key=lambda kv: _natural_key(kv[0])))
 
-    def plan_component(self, comp: Component, facts: ModelFacts) -> ComponentPlan:
-        policy = self.policy(comp.name, facts)
-        plans = []
-        for out_name, (t, is_linear) in self.output_tensors(comp, facts).items():
-            rule = policy.decide(out_name, t.shape, is_linear_weight=is_linear)
-            target = self.target_type(rule, t.dtype, t.shape)
-            plans.append(
-                TensorPlan(
-                    name=t.name,
-                    shape=t.shape,
-                    dtype=t.dtype,
-                    action=_action(target) if rule.action != KEEP else KEEP,
-                    target=target,
-                    bytes_in=t.nbytes,
-                    bytes_out=type_nbytes(target, t.shape),
-                    out_name=out_name,
-                )
-            )
-        cp = ComponentPlan(comp.name, "quantize", self.scheme, plans)
-        cp.bytes_in = sum(p.bytes_in for p in plans)
-        cp.bytes_out = sum(p.bytes_out for p in plans)
-        return cp
+    # The base planning (Backend.plan_component) over GGUF's own output tensors and names.
 
-    def output_name(self, component: str, name: str) -> str | None:
-        if component == "text_encoder_2":
-            return t5_gguf_name(name)
-        return name
+    def tensor_sources(self, comp: Component, facts: ModelFacts | None) -> dict[str, tuple[SourceTensor, bool]]:
+        return self.output_tensors(comp, facts)
+
+    def plan_action(self, rule: Rule, tensor: SourceTensor) -> tuple[str, Any]:
+        # The GGML type after the row-length fallback, which may turn a quantization into a cast.
+        target = self.target_type(rule, tensor.dtype, tensor.shape)
+        return (KEEP if rule.action == KEEP else _action(target)), target
+
+    def output_name(self, component: str, key: str) -> str | None:
+        return key  # tensor_sources is keyed by the output name already
 
     def file_name(self, component: str, name: str) -> str:
-        return f"{FILE_PREFIX[component]}-{name}-{self.scheme}.gguf"
+        return f"{self.family.gguf_file_prefix[component]}-{name}-{self.scheme}.gguf"
 
     # --- encoding -----------------------------------------------------------------------------
 
-    def encode(self, component: str, plan: TensorPlan, tensor: Any) -> list[tuple[str, Any]]:
-        """One tensor (torch) -> [(GGUF name, numpy array of its GGUF data)] (no streaming)."""
-        raw, src = _raw_numpy(tensor)
-        return [(plan.out_name or plan.name, encode_array(raw, src, str(plan.target)))]
+    def chunk_rows(self, plan: TensorPlan) -> int | None:
+        # Every GGML type's blocks run along a row (resolve_type makes the row a whole number
+        # of blocks or super-blocks), so any whole rows are whole blocks.
+        return rows_per_chunk(plan.shape)
+
+    def encode_chunk(self, component: str, plan: TensorPlan, rows: Any) -> EncodedChunk:
+        """Rows (torch) -> one part, the numpy array of their GGUF data, under the GGUF name."""
+        raw, src = _raw_numpy(rows)
+        return EncodedChunk({str(plan.out_name or plan.name): encode_array(raw, src, str(plan.target))})
+
+    def finish_tensor(self, component: str, plan: TensorPlan, chunks: list[EncodedChunk]) -> list[tuple[str, Any]]:
+        # Only for a whole tensor in memory (encode): write_gguf streams the chunks instead.
+        import numpy as np
+
+        return [(n, np.concatenate([c.parts[n] for c in chunks])) for n in chunks[0].parts]
 
     def metadata(self, component: str, name: str, comp: Component, identity: dict[str, Any]) -> dict[str, Any]:
         """KV pairs besides general.architecture: key -> (value, gguf value type name)."""
         src = public_identity(identity)
         kv: dict[str, Any] = {
-            "general.name": (f"{FILE_PREFIX[component]}-{name}", "STRING"),
+            "general.name": (f"{self.family.gguf_file_prefix[component]}-{name}", "STRING"),
             "general.file_type": (FILE_TYPES[self.scheme], "UINT32"),
             "general.quantization_version": (2, "UINT32"),
             "qconvert.version": (__version__, "STRING"),
@@ -534,7 +505,7 @@ class GGUFBackend(Backend):
             kv["qconvert.layout"] = (self.gguf_layout, "STRING")
             return kv
         cfg = comp.config
-        arch = ARCH[component]
+        arch = self.family.gguf_arch[component]
         d_kv = int(cfg.get("d_kv", 64))
         eps = float(cfg.get("layer_norm_epsilon", 1e-6))
         kv.update(
@@ -567,42 +538,26 @@ class GGUFBackend(Backend):
         plan: Any,
         facts: dict[str, Any],
         tmp: Path,
-        reader: Any,
+        scheduler: Scheduler,
         progress: ProgressFn,
-        check_tensor: Callable[[str, Any], None],
         seconds: dict[str, float],
     ) -> dict[str, list[Path]]:
         from ..output import copy_license_files
 
+        self.family = source.family
         name = short_name(source.identity, source.root)
         written: dict[str, list[Path]] = {}
-        executor = self._executor()
-        try:
-            for cp in plan.components:
-                if cp.action != "quantize":
-                    continue  # GGUF output holds only the converted components
-                t0 = time.perf_counter()
-                comp = source.components[cp.name]
-                path = tmp / self.file_name(cp.name, name)
-                self.write_gguf(
-                    path, comp, cp, facts.get(cp.name), source.identity, name, reader, progress, check_tensor, executor
-                )
-                written[cp.name] = [path]
-                seconds[cp.name] = time.perf_counter() - t0
-        finally:
-            if executor is not None:
-                executor.shutdown(wait=True, cancel_futures=True)
+        for cp in plan.components:
+            if cp.action != "quantize":
+                continue  # GGUF output holds only the converted components
+            t0 = time.perf_counter()
+            comp = source.components[cp.name]
+            path = tmp / self.file_name(cp.name, name)
+            self.write_gguf(path, comp, cp, facts.get(cp.name), source.identity, name, scheduler, progress)
+            written[cp.name] = [path]
+            seconds[cp.name] = time.perf_counter() - t0
         written["_root"] = copy_license_files(source.root, tmp)
         return written
-
-    def _executor(self) -> Executor | None:
-        if self.jobs <= 1:
-            return None
-        if self.pool == "process":
-            import multiprocessing as mp
-
-            return ProcessPoolExecutor(self.jobs, mp_context=mp.get_context("spawn"))
-        return ThreadPoolExecutor(self.jobs, thread_name_prefix="gguf")
 
     def write_gguf(
         self,
@@ -612,20 +567,19 @@ class GGUFBackend(Backend):
         facts: ModelFacts | None,
         identity: dict[str, Any],
         name: str,
-        reader: Any,
+        scheduler: Scheduler,
         progress: ProgressFn,
-        check_tensor: Callable[[str, Any], None],
-        executor: Executor | None,
     ) -> None:
+        """One .gguf file: tensor infos first (types and sizes are known from the plan), then
+        header, KV and tensor-info data, then every tensor's data in plan order, each tensor's
+        chunks written as the scheduler hands them over (never a whole tensor in memory)."""
         import gguf
         import numpy as np
 
-        sources = {out: t for out, (t, _) in self.output_tensors(comp, facts).items()}
-        plans = list(cp.tensors)
-        writer = gguf.GGUFWriter(path=None, arch=ARCH[comp.name])
+        writer = gguf.GGUFWriter(path=None, arch=self.family.gguf_arch[comp.name])
         for key, (value, vtype) in self.metadata(comp.name, name, comp, identity).items():
             writer.add_key_value(key, value, gguf.GGUFValueType[vtype])
-        for tp in plans:
+        for tp in cp.tensors:
             writer.add_tensor_info(
                 str(tp.out_name),
                 tp.shape,
@@ -636,72 +590,17 @@ class GGUFBackend(Backend):
         writer.write_header_to_file(path=path)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
+        items = self.planned_sources(comp, facts, cp)
         try:
-            limit = self.jobs + 1
-            pending: deque[_Job] = deque()
-            units = self._units(plans, sources, reader, check_tensor, isinstance(executor, ProcessPoolExecutor))
-
-            def top_up() -> None:
-                while len(pending) < limit:
-                    item = next(units, None)
-                    if item is None:
-                        return
-                    index, fn, args = item
-                    if executor is None:
-                        fut: Future = Future()
-                        fut.set_result(fn(*args))
-                    else:
-                        fut = executor.submit(fn, *args)
-                    pending.append(_Job(index, fut))
-
-            def chunks_of(index: int) -> Iterator[np.ndarray]:
-                while True:
-                    top_up()
-                    if not pending or pending[0].index != index:
-                        return
-                    job = pending.popleft()
-                    yield job.future.result()
-
-            for i, tp in enumerate(plans):
-                stream = _Streamed(tp.bytes_out, chunks_of(i))
-                writer.write_tensor_data(stream)  # type: ignore[arg-type]
-                if stream.written != tp.bytes_out:
-                    raise RuntimeError(f"{tp.out_name}: wrote {stream.written} bytes, planned {tp.bytes_out}")
-                progress(tp.bytes_in)
+            with contextlib.closing(scheduler.chunks(self, comp.name, items)) as tensors:
+                for tp, chunks in tensors:
+                    stream = _Streamed(tp.bytes_out, (arr for chunk in chunks for arr in chunk.parts.values()))
+                    writer.write_tensor_data(stream)  # type: ignore[arg-type]
+                    if stream.written != tp.bytes_out:
+                        raise RuntimeError(f"{tp.out_name}: wrote {stream.written} bytes, planned {tp.bytes_out}")
+                    progress(tp.bytes_in)
         finally:
             writer.close()
-
-    def _units(
-        self,
-        plans: list[TensorPlan],
-        sources: dict[str, SourceTensor],
-        reader: Any,
-        check_tensor: Callable[[str, Any], None],
-        in_processes: bool = False,
-    ) -> Iterator[tuple[int, Callable[..., np.ndarray], tuple[Any, ...]]]:
-        """Work units in file order: (tensor index, function, arguments), loading lazily.
-
-        Big tensors are read in row chunks of about ``CHUNK_ELEMENTS`` elements (only those
-        rows leave the mmapped file). Threads: the main thread reads, the workers check and
-        encode. Processes: each worker reads its rows itself (with its own mmapped handles),
-        so only a tensor description and the encoded bytes cross process boundaries (hence
-        ``check_tensor`` must then be picklable: a module-level function).
-        """
-        if in_processes:
-            # Workers read their rows themselves: only the lazy tensor's description travels.
-            for i, tp in enumerate(plans):
-                src_tensor = sources[str(tp.out_name)]
-                for rows in _row_chunks(src_tensor.shape):
-                    yield i, read_and_encode, (src_tensor, rows, str(tp.target), tp.name, check_tensor)
-            return
-        for i, tp in enumerate(plans):
-            src_tensor = sources[str(tp.out_name)]
-            for rows in _row_chunks(src_tensor.shape):
-                part = reader.load(src_tensor, rows=rows)
-                raw, src = _raw_numpy(part)
-                del part
-                yield i, encode_unit, (raw, src, str(tp.target), tp.name, check_tensor)
-
 
     # --- cards: a single-file GGUF transformer (and T5) + the base pipeline ------------------
 
@@ -728,7 +627,8 @@ class GGUFBackend(Backend):
         flux_files, t5_files = facts.files("transformer"), facts.files("text_encoder_2")
         if not flux_files:
             raise InputError(f"{facts.out}: qconvert.json lists no transformer .gguf file", hint="convert again")
-        imports = ["import torch", "from diffusers import FluxPipeline, FluxTransformer2DModel, GGUFQuantizationConfig"]
+        pipeline, transformer = facts.family.pipeline_class, facts.family.transformer_class
+        imports = ["import torch", f"from diffusers import {pipeline}, {transformer}, GGUFQuantizationConfig"]
         if t5_files:
             imports.append("from transformers import T5Config, T5EncoderModel")
         if facts.repo_id:  # from_single_file takes only huggingface.co URLs: download the file
@@ -741,7 +641,7 @@ class GGUFBackend(Backend):
             f"repo = {json.dumps(facts.repo)}",
             f"base = {base_expr}  # the pipeline that supplies the VAE, CLIP, tokenizers and configs",
             f"dtype = torch.{facts.dtype}",
-            "transformer = FluxTransformer2DModel.from_single_file(",
+            f"transformer = {transformer}.from_single_file(",
             f"    {gguf_path},",
             "    quantization_config=GGUFQuantizationConfig(compute_dtype=dtype),",
             "    config=base,",
@@ -759,7 +659,7 @@ class GGUFBackend(Backend):
             ]
             parts += ", text_encoder_2=text_encoder_2"
         lines += [
-            f"pipe = FluxPipeline.from_pretrained(base, {parts}, dtype=dtype)",
+            f"pipe = {pipeline}.from_pretrained(base, {parts}, dtype=dtype)",
             'pipe.to("cuda" if torch.cuda.is_available() else "cpu")',
         ]
         return lines
@@ -778,16 +678,19 @@ class GGUFBackend(Backend):
 
     @classmethod
     def load_for_validation(cls, out: Path, manifest: dict[str, Any], ref_root: Path, *, dtype: Any, device: str) -> Any:
-        from diffusers import FluxPipeline, FluxTransformer2DModel, GGUFQuantizationConfig
+        from diffusers import GGUFQuantizationConfig
 
+        from ..manifest import manifest_family
+
+        fam = manifest_family(manifest)
         tcfg = json.loads((Path(ref_root) / "transformer" / "config.json").read_text())
         cls.check_loadable(manifest.get("options", {}), tcfg)
         ggufs = sorted(Path(out).glob("*.gguf"))
-        t5_files = [p for p in ggufs if p.name.startswith(FILE_PREFIX["text_encoder_2"] + "-")]
+        t5_files = [p for p in ggufs if p.name.startswith(fam.gguf_file_prefix["text_encoder_2"] + "-")]
         flux_files = [p for p in ggufs if p not in t5_files]
         if not flux_files:
             raise InputError(f"{out} has no transformer .gguf file", hint="convert again")
-        transformer = FluxTransformer2DModel.from_single_file(
+        transformer = fam.transformer_type().from_single_file(
             str(flux_files[0]),
             quantization_config=GGUFQuantizationConfig(compute_dtype=dtype),
             config=str(ref_root),
@@ -802,41 +705,8 @@ class GGUFBackend(Backend):
                 str(out), gguf_file=t5_files[0].name,
                 config=T5Config.from_pretrained(ref_root / "text_encoder_2"), dtype=dtype,
             )  # fmt: skip
-        pipe = FluxPipeline.from_pretrained(ref_root, dtype=dtype, **parts)
+        pipe = fam.pipeline_type().from_pretrained(ref_root, dtype=dtype, **parts)
         return pipe if device == "cpu" else pipe.to(device)
-
-
-def _row_chunks(shape: tuple[int, ...]) -> list[tuple[int, int] | None]:
-    """Row ranges of about CHUNK_ELEMENTS elements (None: the whole tensor, 0-d or 1-d)."""
-    if len(shape) < 2:
-        return [None]
-    n = shape[0]
-    row = 1
-    for d in shape[1:]:
-        row *= d
-    step = max(1, CHUNK_ELEMENTS // max(row, 1))
-    if n <= step:
-        return [None]
-    return [(r, min(r + step, n)) for r in range(0, n, step)]
-
-
-_WORKER_READER: Any = None
-
-
-def read_and_encode(
-    tensor: SourceTensor, rows: tuple[int, int] | None, target: str, name: str, check: Callable[[str, Any], None]
-) -> np.ndarray:
-    """Process-pool unit: read rows of a lazy tensor (own mmapped handles), check, encode."""
-    global _WORKER_READER
-    if _WORKER_READER is None:
-        from ..sources import TensorReader
-
-        _WORKER_READER = TensorReader()
-    part = _WORKER_READER.load(tensor, rows=rows)
-    check(name, part)
-    raw, src = _raw_numpy(part)
-    del part
-    return encode_array(raw, src, target)
 
 
 # --- segment helpers -------------------------------------------------------------------------------
