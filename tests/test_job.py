@@ -7,6 +7,7 @@ import json
 import pytest
 
 from conftest import assert_one_line_error, run_cli
+from test_release import GOOD
 from qconvert import job as jobs
 from qconvert.errors import AuthError, InputError, OutputExists, UsageError, ValidationFailed
 
@@ -51,16 +52,7 @@ def test_a_failed_validation_raises_and_keeps_the_output(tmp_path):
     assert (tmp_path / "o" / "validation.json").is_file() and not (tmp_path / "o" / "README.md").exists()
 
 
-PLAN = """
-[release]
-source = "tiny-flux"
-namespace = "acme"
-
-[[variant]]
-name = "a"
-backend = "torchao"
-scheme = "int8wo"
-"""
+PLAN = GOOD  # one torchao int8wo variant "a" of tiny-flux, namespace acme
 
 
 def _release(tmp_path, text, hub, *extra):
