@@ -17,7 +17,16 @@ import click
 
 from . import __version__
 from .convert import BACKENDS
-from .errors import EXIT_INTERRUPTED, EXIT_UNEXPECTED, EXIT_USAGE, QConvertError, redact, register_secret
+from .errors import (
+    EXIT_INTERRUPTED,
+    EXIT_UNEXPECTED,
+    EXIT_USAGE,
+    OptionRef,
+    QConvertError,
+    redact,
+    register_secret,
+    worded,
+)
 
 BACKEND_NAMES = tuple(BACKENDS)  # the registry (backend modules import no dependency: --help stays instant)
 
@@ -508,8 +517,46 @@ def release_cmd(state: State, plan_file: Path, only: str | None, as_matrix: bool
 _NO_ARGS_IS_HELP: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
+# Options the CLI names in other words than a flag of its own
+_CLI_PHRASES = {
+    "thresholds": "the --min-*/--max-* flags of `qconvert validate`",
+    "overrides": "the command line",  # validate()'s threshold overrides: those flags
+}
+
+
+def _flags() -> dict[str, str]:
+    """Python name of an option -> its flag (``thresholds_file`` -> ``--thresholds``)."""
+    flags: dict[str, str] = {}
+    for command in (flux, *cli.commands.values()):
+        for p in command.params:
+            if isinstance(p, click.Option) and p.name:
+                flags.setdefault(p.name, max(p.opts, key=len))
+    return flags
+
+
+def cli_wording(ref: OptionRef) -> str:
+    """How the CLI names an option in an error: ``--overwrite``, ``--no-validate``,
+    ``--layout diffusers``, ``--thresholds FILE`` (see :func:`qconvert.errors.opt`)."""
+    if ref.name in _CLI_PHRASES:
+        return _CLI_PHRASES[ref.name]
+    flag = _flags().get(ref.name) or "--" + ref.name.replace("_", "-")
+    if ref.value is True:
+        return flag
+    if ref.value is False:
+        return "--no-" + flag.removeprefix("--")
+    if ref.value is not None or ref.metavar:
+        return f"{flag} {ref.metavar if ref.value is None else ref.value}"
+    return flag
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: runs the CLI and turns every expected failure into one line + exit code."""
+    """Entry point: runs the CLI and turns every expected failure into one line + exit code,
+    its options worded as flags (:func:`cli_wording`), in messages and in what a release records."""
+    with worded(cli_wording):
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
         cli.main(args=argv, prog_name="qconvert", standalone_mode=False)

@@ -4,6 +4,12 @@ Every *expected* failure raises a subclass of :class:`QConvertError`. The CLI ca
 prints ``error: <message>`` (one line: what is wrong and how to fix it) and exits with the
 class's exit code. Anything else is a bug and exits 1 (with a traceback under ``--debug``).
 
+A message names an option by its Python name, through :func:`opt` (``opt("overwrite", True)``);
+the edge that shows the error words it (:func:`worded`): a Python caller reads
+```overwrite=True``` (the default wording, :func:`api_wording`), ``qconvert``'s ``main()`` words
+it as a flag (``--overwrite``, ``qconvert.cli.cli_wording``). The reference travels in the text,
+so a message built from another error's text keeps it.
+
 Exit codes (documented in the README):
 
 ====  ==========================================
@@ -19,10 +25,14 @@ Exit codes (documented in the README):
 
 from __future__ import annotations
 
+import ast
 import errno
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
 
 EXIT_OK = 0
 EXIT_UNEXPECTED = 1
@@ -46,9 +56,11 @@ class QConvertError(Exception):
     def __str__(self) -> str:
         return self.one_line()
 
-    def one_line(self) -> str:
+    def one_line(self, wording: Wording | None = None) -> str:
+        """Message and hint on one line, options worded by ``wording`` (default: the edge's,
+        see :func:`worded`; outside any: :func:`api_wording`)."""
         text = self.message if not self.hint else f"{self.message} ({self.hint})"
-        return redact(" ".join(text.split()))
+        return redact(" ".join(word(text, wording).split()))
 
 
 class UsageError(QConvertError):
@@ -120,6 +132,62 @@ class PublishError(QConvertError):
 
 class AuthError(PublishError):
     """Missing, invalid or read-only token."""
+
+
+# --- options named in messages ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OptionRef:
+    """An option a message names: ``name`` (its Python name: a :class:`qconvert.job.Job` field,
+    a backend option, a keyword of the function raising), with ``value`` (``True``/``False``
+    for a switch, a literal) or ``metavar`` (a placeholder such as ``FILE``), or neither."""
+
+    name: str
+    value: Any = None
+    metavar: str | None = None
+
+
+Wording = Callable[[OptionRef], str]
+_OPT = re.compile(r"\{opt:([^{}=:]+)(?:=([^{}]*)|:([^{}]*))?\}")
+
+
+def opt(name: str, value: Any = None, *, metavar: str | None = None) -> str:
+    """A reference to an option, to put in a message or hint; worded when the error is shown."""
+    if value is not None:
+        return f"{{opt:{name}={value!r}}}"
+    return f"{{opt:{name}:{metavar}}}" if metavar else f"{{opt:{name}}}"
+
+
+def api_wording(ref: OptionRef) -> str:
+    """How a Python caller reads an option: ```overwrite=True```, ```layout='diffusers'```."""
+    if ref.value is not None:
+        return f"`{ref.name}={ref.value!r}`"
+    return f"`{ref.name}={ref.metavar}`" if ref.metavar else f"`{ref.name}`"
+
+
+_WORDING: ContextVar[Wording] = ContextVar("qconvert_wording", default=api_wording)
+
+
+@contextmanager
+def worded(wording: Wording) -> Iterator[None]:
+    """Word the errors shown inside the block (``str(e)``, ``one_line()``) with ``wording``."""
+    token = _WORDING.set(wording)
+    try:
+        yield
+    finally:
+        _WORDING.reset(token)
+
+
+def word(text: str, wording: Wording | None = None) -> str:
+    """``text`` with its option references worded (default: the current edge's wording)."""
+    wording = wording or _WORDING.get()
+
+    def one(m: re.Match[str]) -> str:
+        value = ast.literal_eval(m.group(2)) if m.group(2) is not None else None
+        return wording(OptionRef(m.group(1), value, m.group(3)))
+
+    return _OPT.sub(one, text)
 
 
 # --- operating-system errors ---------------------------------------------------------------

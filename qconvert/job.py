@@ -121,21 +121,22 @@ def _check_shard_size(value: Any) -> None:
     if value is None:
         return
     from .convert.writers import parse_size
-    from .errors import UsageError
+    from .errors import UsageError, opt
 
     try:
         if parse_size(value) <= 0:
             raise ValueError
     except ValueError:
-        raise UsageError(f"--max-shard-size {value!r} is not a size", hint="e.g. 5GB or 500MB") from None
+        raise UsageError(f"{opt('max_shard_size')} {value!r} is not a size", hint="e.g. 5GB or 500MB") from None
 
 
 def _check_push(job: Job) -> PushTarget:
+    from .errors import opt
     from .publish import check_push_target
 
     target = job.push
     assert target is not None
-    label = "--repo-id" if target.repo_id else "the repo id <namespace>/<--out folder name>"
+    label = opt("repo_id") if target.repo_id else f"the repo id <namespace>/<{opt('out')} folder name>"
     repo_id = target.repo_id or f"{_namespace(target.namespace, job)}/{job.out_dir.name}"
     check_push_target(repo_id, token=job.token, endpoint=job.endpoint, label=label)
     return replace(target, repo_id=repo_id)
@@ -146,12 +147,13 @@ def _namespace(namespace: str | None, job: Job) -> str:
         return namespace
     from huggingface_hub import HfApi
 
-    from .errors import AuthError
+    from .errors import AuthError, opt
 
     try:
         return HfApi(endpoint=job.endpoint, token=job.token).whoami()["name"]
     except Exception:  # noqa: BLE001 - any failure means no usable token
-        raise AuthError("cannot tell whose namespace to push to", hint="pass --namespace or --repo-id, and set HF_TOKEN") from None
+        raise AuthError("cannot tell whose namespace to push to",
+                        hint=f"pass {opt('namespace')} or {opt('repo_id')}, and set HF_TOKEN") from None  # fmt: skip
 
 
 def resolve(job: Job) -> Any:

@@ -3,7 +3,8 @@
 Written last into the temporary output folder (so a folder with a manifest is complete),
 read by ``validate``, ``card``, ``push`` and ``release``. No timestamps, no thread counts: the
 same input and options give the same bytes. What is published keeps no local paths
-(:func:`qconvert.output.public_identity`).
+(:meth:`qconvert.identity.SourceIdentity.public`, applied by
+:func:`qconvert.output.public_file`).
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def build_manifest(
         "format": MANIFEST_FORMAT,
         "tool": "qconvert",
         "qconvert_version": __version__,
-        "source": source.identity,
+        "source": source.identity.to_dict(),
         "family": source.family.name,
         "backend": plan.backend,
         "scheme": plan.scheme,

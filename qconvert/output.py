@@ -16,7 +16,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from .errors import DiskSpaceError, FileSystemError, OutputExists, mapped_os_errors, os_error
+from .errors import DiskSpaceError, FileSystemError, OutputExists, mapped_os_errors, opt, os_error
+from .identity import SourceIdentity
 
 TMP_MARK = ".qconvert-tmp-"
 
@@ -48,7 +49,7 @@ def clean_stale_temporaries(out: Path) -> list[Path]:
     return removed
 
 
-OUT_FIX = "choose another --out"
+OUT_FIX = f"choose another {opt('out')}"
 
 
 def check_output(out: Path, *, overwrite: bool) -> None:
@@ -63,15 +64,15 @@ def _check_output(out: Path, *, overwrite: bool) -> None:
         raise FileSystemError(f"{where} is a file, so the output folder {out} cannot be made in it", hint=OUT_FIX)
     _check_name_length(out, where)
     if out.exists() and not out.is_dir():
-        raise OutputExists(f"output {out} exists and is not a folder", hint="choose another --out")
+        raise OutputExists(f"output {out} exists and is not a folder", hint=OUT_FIX)
     if out.exists() and not overwrite:
-        raise OutputExists(f"output {out} already exists", hint="pass --overwrite or choose another --out")
+        raise OutputExists(f"output {out} already exists", hint=f"pass {opt('overwrite', True)} or {OUT_FIX}")
     # --overwrite replaces an earlier qconvert output (or an empty folder), never anything else:
     # a mistyped --out must not delete someone's files
     if out.exists() and not (out / "qconvert.json").is_file() and any(out.iterdir()):
         raise OutputExists(
-            f"--overwrite would delete {out}, which is not a qconvert output (no qconvert.json)",
-            hint="choose another --out, or remove that folder yourself",
+            f"{opt('overwrite', True)} would delete {out}, which is not a qconvert output (no qconvert.json)",
+            hint=f"{OUT_FIX}, or remove that folder yourself",
         )
 
 
@@ -95,7 +96,7 @@ def _check_name_length(out: Path, where: Path) -> None:
         raise FileSystemError(
             f"a name in the output path {out} is too long: the filesystem allows {limit} bytes per name, "
             f"and the output's temporary sibling adds {len(tmp_name) - len(out.name)} characters to its name",
-            hint="choose a shorter --out",
+            hint=f"choose a shorter {opt('out')}",
         )
 
 
@@ -109,7 +110,7 @@ def check_disk_space(out: Path, needed: int, *, margin: float = 1.1) -> None:
         raise DiskSpaceError(
             f"not enough free disk for the output: {human_bytes(needed * margin)} needed, "
             f"{human_bytes(free)} free under {parent}",
-            hint="free space or choose another --out",
+            hint=f"free space or {OUT_FIX}",
         )
 
 
@@ -128,7 +129,7 @@ def _disk_filled(out: Path, needed: int | None) -> DiskSpaceError:
     return DiskSpaceError(
         f"the disk under {parent} filled up while writing {out}: the output needs more than {free}{size}; "
         "nothing was left behind",
-        hint="free space or choose another --out",
+        hint=f"free space or {OUT_FIX}",
     )
 
 
@@ -253,19 +254,15 @@ def write_json(path: Path, data: Any) -> None:
     path.write_bytes(json_bytes(data))
 
 
-def public_identity(identity: Any) -> Any:
-    """A source identity without local directories: a ``path`` keeps only its last part.
+def _public_identity(identity: dict[str, Any]) -> dict[str, Any]:
+    """A recorded source identity as published: without local directories (a path keeps only
+    its last part, :meth:`qconvert.identity.SourceIdentity.public`).
 
     The local ``qconvert.json`` records where a local source lives (``qconvert validate`` finds
     it again); what is published (GGUF metadata, the files pushed to the Hub) must not reveal
     the user's directory layout.
     """
-    if not isinstance(identity, dict):
-        return identity
-    return {
-        k: public_identity(v) if isinstance(v, dict) else Path(str(v)).name if k == "path" else v
-        for k, v in identity.items()
-    }
+    return SourceIdentity.from_dict(identity).public().to_dict()
 
 
 PUBLIC_FILES = ("qconvert.json", "validation.json")  # published with local paths reduced to names
@@ -280,9 +277,9 @@ def public_file(name: str, data: bytes) -> bytes:
     except ValueError:
         return data
     if name == "qconvert.json" and isinstance(doc.get("source"), dict):
-        doc["source"] = public_identity(doc["source"])
+        doc["source"] = _public_identity(doc["source"])
     elif name == "validation.json" and isinstance((doc.get("settings") or {}).get("reference"), dict):
-        doc["settings"]["reference"] = public_identity(doc["settings"]["reference"])
+        doc["settings"]["reference"] = _public_identity(doc["settings"]["reference"])
     return json_bytes(doc)
 
 

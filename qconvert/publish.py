@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .identity import SourceIdentity
 from .manifest import read_manifest
 from .output import PUBLIC_FILES, public_file, sha256_of
 from .errors import (
@@ -367,9 +368,17 @@ def _same(local: LocalFile, sibling: Any) -> bool:
 
 
 def _source_label(manifest: dict[str, Any]) -> str:
-    from .cards.data import _source_label as label
+    return SourceIdentity.from_dict(manifest.get("source") or {}).label
 
-    return label(manifest.get("source") or {})
+
+def _keeps_siblings(manifest: dict[str, Any]) -> bool:
+    """Whether a push keeps the repo's other files: a repo of files only (GGUF) commonly holds
+    many quantizations side by side (one file per scheme); a pipeline folder repo mirrors the
+    output exactly. The backend's ``container`` declaration says which."""
+    from .convert import backend_class
+    from .convert.base import PIPELINE_FOLDER
+
+    return backend_class(str(manifest["backend"])).container != PIPELINE_FOLDER
 
 
 def default_commit_message(manifest: dict[str, Any]) -> str:
@@ -507,9 +516,7 @@ def push(
         check_collection_title(collection)
     manifest = read_manifest(out)
     if keep_remote_files is None:
-        # GGUF repos commonly hold many quantizations side by side (one file per scheme):
-        # never delete the siblings. A pipeline folder repo mirrors the output exactly.
-        keep_remote_files = manifest.get("layout") == "gguf"
+        keep_remote_files = _keeps_siblings(manifest)
     validated = validation_state(out, allow_unvalidated=allow_unvalidated)
     notes: list[str] = []
     card = _card(out, repo_id, notes, token=token, endpoint=endpoint)

@@ -35,6 +35,7 @@ from typing import Any
 
 from . import __version__
 from .errors import EXIT_UNEXPECTED, QConvertError, UsageError, redact
+from .identity import SourceIdentity
 from .job import Job, PushTarget, check, check_source, resolve, run
 
 if sys.version_info >= (3, 11):
@@ -266,7 +267,7 @@ def _save_state(workdir: Path, state: dict[str, Any]) -> None:
     tmp.replace(workdir / STATE_NAME)  # atomic: a kill never leaves a torn state file
 
 
-def remote_is_current(repo_id: str, source_identity: dict[str, Any], v: Variant, *, token: str | None,
+def remote_is_current(repo_id: str, source_identity: SourceIdentity, v: Variant, *, token: str | None,
                       endpoint: str | None) -> bool:
     """True when the remote repo's manifest says it holds this very variant already."""
     from huggingface_hub import hf_hub_download
@@ -280,8 +281,6 @@ def remote_is_current(repo_id: str, source_identity: dict[str, Any], v: Variant,
         return False
     from .manifest import manifest_options
 
-    from .output import public_identity
-
     try:
         remote = json.loads(Path(path).read_text())
     except (OSError, ValueError):  # unreadable: not a manifest this version wrote, so convert again
@@ -290,7 +289,7 @@ def remote_is_current(repo_id: str, source_identity: dict[str, Any], v: Variant,
         return False
     return (
         remote.get("qconvert_version") == __version__
-        and remote.get("source") == public_identity(source_identity)  # published without local paths
+        and remote.get("source") == source_identity.public().to_dict()  # published without local paths
         and remote.get("backend") == v.backend
         and remote.get("scheme") == v.scheme
         and remote.get("options") == manifest_options(v.options, v.components)
@@ -342,7 +341,7 @@ def run_release(
     workdir.mkdir(parents=True, exist_ok=True)
     state = _load_state(workdir)
     results = [_run_variant(plan, v, job, source, state, workdir, log) for v, job in todo]
-    report_data = {"plan": str(plan.path), "qconvert_version": __version__, "source": source.identity,
+    report_data = {"plan": str(plan.path), "qconvert_version": __version__, "source": source.identity.to_dict(),
                    "variants": [asdict(r) for r in results]}  # fmt: skip
     (workdir / REPORT_NAME).write_text(json.dumps(report_data, indent=2, sort_keys=True) + "\n")
     return results

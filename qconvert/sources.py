@@ -34,9 +34,11 @@ from .errors import (
     SourceNotFound,
     UsageError,
     mapped_os_errors,
+    opt,
     os_error,
     transport_errors,
 )
+from .identity import BuiltinSource, HubSource, LocalSource, PipelineIdentity, SingleFileSource, SourceIdentity
 
 # safetensors dtype name -> bytes per element
 DTYPE_SIZES = {
@@ -57,7 +59,7 @@ class HeaderEntry:
     shape: tuple[int, ...]
 
 
-SOURCE_FIX = "make the source readable, or pass another --source"
+SOURCE_FIX = f"make the source readable, or pass another {opt('source')}"
 
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, HeaderEntry], dict[str, str]]:
@@ -233,12 +235,16 @@ class Component:
 @dataclass
 class Source:
     spec: str
-    kind: str  # "builtin" | "local" | "hub" | "bfl"
     root: Path  # the pipeline folder supplying non-quantized components
-    identity: dict[str, Any]
+    identity: SourceIdentity  # what it is, as the manifest records it (``qconvert.identity``)
     model_index: dict[str, Any]
     components: dict[str, Component]
     family: type[Family] = flux.Flux  # what it is: components, key maps, how it runs
+
+    @property
+    def kind(self) -> str:
+        """``builtin``, ``local``, ``hub`` or ``bfl`` (for messages and tests: ask the identity)."""
+        return self.identity.kind
 
 
 def _load_json(path: Path) -> dict[str, Any]:
@@ -289,7 +295,7 @@ def describe_files(files: list[Path]) -> dict[str, SourceTensor]:
     return tensors
 
 
-def load_pipeline_folder(root: Path, *, spec: str, kind: str, identity: dict[str, Any]) -> Source:
+def load_pipeline_folder(root: Path, *, spec: str, identity: SourceIdentity) -> Source:
     root = Path(root)
     index_path = root / "model_index.json"
     if not index_path.is_file():
@@ -300,7 +306,7 @@ def load_pipeline_folder(root: Path, *, spec: str, kind: str, identity: dict[str
             )
         raise NotAFluxModel(
             f"{spec} has no model_index.json: not a diffusers pipeline folder",
-            hint="pass a FluxPipeline folder, a Hub repo id or a BFL .safetensors file with --base",
+            hint=f"pass a FluxPipeline folder, a Hub repo id or a BFL .safetensors file with {opt('base')}",
         )
     model_index = _load_json(index_path)
     fam = for_pipeline_class(model_index.get("_class_name"), spec)
@@ -329,7 +335,7 @@ def load_pipeline_folder(root: Path, *, spec: str, kind: str, identity: dict[str
                     hint="convert from the original bf16 checkpoint",
                 )
         components[name] = comp
-    return Source(spec, kind, root, identity, model_index, components, fam)
+    return Source(spec, root, identity, model_index, components, fam)
 
 
 def _folder_fingerprint(root: Path) -> str:
@@ -419,7 +425,7 @@ def _cached_hub_source(repo_id: str, revision: str | None) -> tuple[Path, str]:
     if not chosen:
         if not is_commit and len(revisions) > 1:
             raise InputError(f"{repo_id} has {len(revisions)} cached revisions and HF_HUB_OFFLINE is set",
-                             hint="pass --revision <commit>")  # fmt: skip
+                             hint=f"pass {opt('revision', metavar='<commit>')}")  # fmt: skip
         raise missing
     return Path(chosen[0].snapshot_path), chosen[0].commit_hash
 
@@ -520,7 +526,8 @@ def resolve_source(
     endpoint: str | None = None,
     _allow_bfl: bool = True,
 ) -> Source:
-    """Turn ``--source`` (and ``--base``/``--revision``) into a :class:`Source`."""
+    """Turn ``--source`` (and ``--base``/``--revision``) into a :class:`Source` (see
+    :func:`resolve_again` for a recorded identity)."""
     from . import tiny
 
     path = Path(spec).expanduser()
@@ -528,22 +535,17 @@ def resolve_source(
         raise SourceNotFound(f"{spec} not found", hint="check the path of the .safetensors file")
     is_single_file = path.is_file()
     if base and not is_single_file:
-        raise UsageError(f"--base is for a single-file --source; {spec} is a whole pipeline", hint="drop --base")
+        raise UsageError(f"{opt('base')} is for a single-file {opt('source')}; {spec} is a whole pipeline", hint=f"drop {opt('base')}")
     if revision and not (looks_like_repo_id(spec) and not path.exists()) and not (is_single_file and base):
-        raise UsageError(f"--revision applies to a Hub repo id; {spec} is not one", hint="drop --revision")
+        raise UsageError(f"{opt('revision')} applies to a Hub repo id; {spec} is not one", hint=f"drop {opt('revision')}")
     if spec in tiny.BUILTIN_SOURCES:
         root = tiny.builtin_path(spec)
-        identity = {"kind": "builtin", "name": spec, "builder_version": tiny.BUILDER_VERSION}
-        return load_pipeline_folder(root, spec=spec, kind="builtin", identity=identity)
+        return load_pipeline_folder(root, spec=spec, identity=BuiltinSource(spec, tiny.BUILDER_VERSION))
 
     if path.exists():
         if path.is_dir():
-            identity = {
-                "kind": "local",
-                "path": str(path.resolve()),
-                "fingerprint": _folder_fingerprint(path),
-            }
-            return load_pipeline_folder(path, spec=spec, kind="local", identity=identity)
+            identity = LocalSource(str(path.resolve()), _folder_fingerprint(path))
+            return load_pipeline_folder(path, spec=spec, identity=identity)
         if path.suffix.lower() in PICKLE_SUFFIXES:
             raise InputError(
                 f"{spec} is a pickle checkpoint, which qconvert refuses to load (it can run code)",
@@ -552,15 +554,14 @@ def resolve_source(
         if path.suffix.lower() != ".safetensors":
             raise InputError(f"{spec} is not a .safetensors file or a pipeline folder", hint="pass a FluxPipeline folder, a Hub repo id or a BFL .safetensors file")
         if not _allow_bfl:
-            raise UsageError(f"--base {spec} must be a pipeline, not a single file", hint="pass a FluxPipeline folder or Hub repo id as --base")
+            raise UsageError(f"{opt('base')} {spec} must be a pipeline, not a single file",
+                             hint=f"pass a FluxPipeline folder or Hub repo id as {opt('base')}")  # fmt: skip
         return _bfl_source(path, spec=spec, base=base, revision=revision, token=token, endpoint=endpoint)
 
     if looks_like_repo_id(spec):
         folder, sha = download_hub_source(spec, revision, token=token, endpoint=endpoint)
-        identity = {"kind": "hub", "repo_id": spec, "revision": sha}
-        if revision and revision != sha:
-            identity["requested_revision"] = revision
-        return load_pipeline_folder(folder, spec=spec, kind="hub", identity=identity)
+        identity = HubSource(spec, sha, revision if revision and revision != sha else None)
+        return load_pipeline_folder(folder, spec=spec, identity=identity)
 
     raise SourceNotFound(
         f"source {spec!r} not found",
@@ -576,12 +577,12 @@ def _bfl_source(
     if for_single_file(keys) is not flux.Flux:
         raise NotAFluxModel(
             f"{path.name} is {flux.guess_architecture(keys)}, not a Black Forest Labs Flux transformer",
-            hint="pass a Flux transformer .safetensors (e.g. flux1-dev.safetensors) with --base, or a Flux pipeline",
+            hint=f"pass a Flux transformer .safetensors (e.g. flux1-dev.safetensors) with {opt('base')}, or a Flux pipeline",
         )
     if not base:
         raise UsageError(
             f"{path.name} holds only the transformer",
-            hint="add --base <pipeline folder or Hub id> to supply the text encoders, VAE and config",
+            hint=f"add {opt('base', metavar='<pipeline folder or Hub id>')} to supply the text encoders, VAE and config",
         )
     base_src = resolve_source(base, revision=revision, token=token, endpoint=endpoint, _allow_bfl=False)
     comp = base_src.components["transformer"]
@@ -611,21 +612,23 @@ def _bfl_source(
         raise NotAFluxModel(
             f"{path.name} does not match the base transformer config "
             f"(missing {missing[:2]}, unexpected {extra[:2]})",
-            hint="pick a --base with the same Flux variant (dev/schnell)",
+            hint=f"pick a {opt('base')} with the same Flux variant (dev/schnell)",
         )
     for name, t in tensors.items():
         want = comp.tensors[name].shape
         if t.shape != want:
-            raise NotAFluxModel(f"{path.name}: {name} has shape {t.shape}, base config expects {want}", hint="pick a --base of the same Flux variant and size")
+            raise NotAFluxModel(f"{path.name}: {name} has shape {t.shape}, base config expects {want}", hint=f"pick a {opt('base')} of the same Flux variant and size")
     new_comp = Component("transformer", None, comp.library, comp.class_name, dict(cfg), tensors, [path])
     components = dict(base_src.components)
     components["transformer"] = new_comp
-    identity = {
-        "kind": "bfl",
-        "file": path.name,
-        "path": str(path.resolve()),
-        "sha256": sha256_of(path),
-        "base": base_src.identity,
-    }
-    return Source(spec, "bfl", base_src.root, identity, base_src.model_index, components, base_src.family)
+    assert isinstance(base_src.identity, PipelineIdentity)  # resolved with _allow_bfl=False
+    identity = SingleFileSource(path.name, str(path.resolve()), sha256_of(path), base_src.identity)
+    return Source(spec, base_src.root, identity, base_src.model_index, components, base_src.family)
+
+
+def resolve_again(identity: SourceIdentity, *, transformer: str | None = None, token: str | None = None,
+                  endpoint: str | None = None) -> Source:  # fmt: skip
+    """The source a manifest recorded, resolved again on this machine (``transformer``: a single
+    transformer file to resolve with the recorded pipeline as its base)."""
+    return resolve_source(**identity.resolve_args(transformer), token=token, endpoint=endpoint)
 

@@ -15,7 +15,7 @@ import yaml
 
 from conftest import assert_one_line_error, run_cli, tree_hashes
 from qconvert.cards import CARD_MARKER, USAGE_MARKER, card_text, extract_usage, render_card
-from qconvert.cards.data import hub_repo_from_path
+from qconvert.identity import hub_repo_from_path
 from qconvert.errors import InputError, UsageError
 
 TAGS = ["quantized", "torchao", "int8wo", "flux", "qconvert"]

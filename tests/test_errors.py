@@ -545,3 +545,22 @@ def test_flux_without_torchmetrics_fails_before_converting(tmp_path):
     # --no-validate does not need it
     proc = _run_blocking("torchmetrics", *CONVERT, "--out", str(tmp_path / "out"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_options_in_messages_are_worded_by_the_edge():
+    """A library error names options abstractly: Python names by default, flags under the CLI's
+    wording (``main()`` sets it for the whole command, so a release's records read the same)."""
+    from qconvert.cli import cli_wording
+    from qconvert.errors import UsageError, opt, worded
+
+    e = UsageError(f"{opt('thresholds_file', metavar='FILE')} is not {{'a': 'dict'}}",
+                   hint=f"pass {opt('overwrite', True)}, {opt('validate', False)}, {opt('layout', 'diffusers')} or {opt('jobs')}")
+    api = "`thresholds_file=FILE` is not {'a': 'dict'} (pass `overwrite=True`, `validate=False`, `layout='diffusers'` or `jobs`)"
+    cli = "--thresholds FILE is not {'a': 'dict'} (pass --overwrite, --no-validate, --layout diffusers or --jobs)"
+    assert str(e) == e.one_line() == api
+    assert e.one_line(cli_wording) == cli
+    with worded(cli_wording):
+        assert str(e) == cli
+        # a message built from another error's text keeps its references
+        assert str(UsageError(f"plan: {e.message} ({e.hint})")) == "plan: " + cli
+    assert str(e) == api

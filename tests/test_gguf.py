@@ -23,6 +23,7 @@ import gguf
 from qconvert.families import flux
 from qconvert.convert import SCHEMES
 from qconvert.convert import gguf as G
+from qconvert.identity import BuiltinSource, SourceIdentity
 from qconvert.plan import KEEP, QUANTIZE, TensorPlan
 
 ALL = list(SCHEMES["gguf"])
@@ -215,7 +216,7 @@ def test_t5_names_match_gguf_py():
     ],
 )
 def test_short_name(identity, want):
-    assert G.short_name(identity) == want
+    assert G.short_name(SourceIdentity.from_dict(identity)) == want
 
 
 def test_bad_schemes_library():
@@ -491,7 +492,7 @@ def write_synthetic(comp, scheme: str, out: Path, *, jobs: int, pool: str = "thr
     executor = backend._executor()
     try:
         with TensorReader() as reader:
-            identity = {"kind": "builtin", "name": "x"}
+            identity = BuiltinSource("x")
             backend.write_gguf(out, comp, cp, None, identity, "x", reader, lambda n: None, _check_finite, executor)
     finally:
         if executor is not None:

@@ -98,3 +98,60 @@ def test_push_needs_a_namespace_it_can_tell(tmp_path, monkeypatch):
                    endpoint="http://127.0.0.1:9")  # fmt: skip
     with pytest.raises(AuthError, match="namespace"):
         jobs.check(job)
+
+
+# --- errors in the caller's terms -------------------------------------------------------------
+
+
+def _api_and_cli_text(job: jobs.Job, error: type) -> tuple[str, str]:
+    from qconvert.cli import cli_wording
+
+    with pytest.raises(error) as e:
+        jobs.run(job)
+    return str(e.value), e.value.one_line(cli_wording)
+
+
+def test_api_errors_name_arguments_where_the_cli_names_flags(tmp_path):
+    """The job's errors name Job arguments for a Python caller, the same flags as ever for the CLI."""
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "thesis.txt").write_text("mine")
+    cases = [
+        (jobs.Job("tiny-flux", "torchao", "int8wo", out=tmp_path / "taken"), OutputExists,
+         "(pass `overwrite=True` or choose another `out`)", "(pass --overwrite or choose another --out)"),
+        (jobs.Job("tiny-flux", "torchao", "int8wo", out=tmp_path / "taken", overwrite=True), OutputExists,
+         "`overwrite=True` would delete", "--overwrite would delete"),
+        (jobs.Job("tiny-flux", "gguf", "Q8_0", out=tmp_path / "b", options={"layout": "bfl"}), InputError,
+         "convert with `layout='diffusers'` to validate it, or pass `validate=False`",
+         "convert with --layout diffusers to validate it, or pass --no-validate"),
+        (jobs.Job("tiny-flux", "torchao", "int8wo", out=tmp_path / "c", options={"compute_dtype": "bf16"}), UsageError,
+         "does not take 'compute_dtype' (`compute_dtype`)", "does not take 'compute_dtype' (--compute-dtype)"),
+        (jobs.Job("tiny-flux", "torchao", "int8wo", out=tmp_path / "d", components=()), UsageError,
+         "`components` is empty", "--components is empty"),
+        (jobs.Job("tiny-flux", "torchao", "int8wo", out=tmp_path / "e", base="tiny-flux"), UsageError,
+         "`base` is for a single-file `source`; tiny-flux is a whole pipeline (drop `base`)",
+         "--base is for a single-file --source; tiny-flux is a whole pipeline (drop --base)"),
+    ]
+    for job, error, api, cli in cases:
+        api_text, cli_text = _api_and_cli_text(job, error)
+        assert api in api_text and "--" not in api_text, api_text
+        assert cli in cli_text, cli_text
+
+
+def test_a_failed_validation_names_the_thresholds_in_the_callers_terms(tmp_path):
+    from qconvert.cli import cli_wording
+
+    job = jobs.Job("tiny-flux", "torchao", "int8wo", out=tmp_path / "o", thresholds={"min_psnr": 1000})
+    with pytest.raises(ValidationFailed) as e:
+        jobs.run(job)
+    assert "(convert again with `overwrite=True`); limits: `thresholds_file=FILE` or `thresholds`)" in str(e.value)
+    assert e.value.one_line(cli_wording).endswith(
+        "(convert again with --overwrite); limits: --thresholds FILE or the --min-*/--max-* flags of `qconvert validate`)"
+    )
+
+
+def test_the_cli_words_the_same_errors_as_flags(tmp_path):
+    (tmp_path / "taken").mkdir()
+    proc = run_cli("flux", "--source", "tiny-flux", "--backend", "torchao", "--scheme", "int8wo",
+                   "--out", str(tmp_path / "taken"))  # fmt: skip
+    line = assert_one_line_error(proc, code=2)
+    assert line == f"error: output {(tmp_path / 'taken').absolute()} already exists (pass --overwrite or choose another --out)"

@@ -300,7 +300,9 @@ def test_published_manifest_and_validation_name_no_local_directories(hub, hub_en
     from qconvert.release import Variant, remote_is_current
 
     v = Variant("int8wo", "torchao", "int8wo", repo, tuple(local["options"]["components"]))
-    assert remote_is_current(repo, local["source"], v, token=hub.token, endpoint=hub.endpoint)
+    from qconvert.identity import SourceIdentity
+
+    assert remote_is_current(repo, SourceIdentity.from_dict(local["source"]), v, token=hub.token, endpoint=hub.endpoint)
 
 
 def _remeasured(out: Path, dest: Path, memory_after_load: int) -> Path:

@@ -122,7 +122,7 @@ def test_jobs_do_not_change_the_output(scheme, tmp_path):
 
 
 def test_jobs_must_be_positive(tmp_path):
-    with pytest.raises(errors.UsageError, match="--jobs must be at least 1"):
+    with pytest.raises(errors.UsageError, match="`jobs` must be at least 1"):
         convert(resolve_source("tiny-flux"), "torchao", "int8wo", tmp_path / "x", progress=False, options={"jobs": 0})
     assert not (tmp_path / "x").exists()
 

@@ -17,12 +17,12 @@ Everything here is deterministic: the same output folder (``qconvert.json``,
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError, UsageError
+from ..errors import InputError, UsageError, opt
+from ..identity import SourceIdentity
 
 CARD_MARKER = "<!-- qconvert:card -->"
 USAGE_MARKER = "<!-- qconvert:usage -->"
@@ -30,7 +30,6 @@ CARD_NAME = "README.md"
 BUILTIN_LICENSE = "apache-2.0"
 HUB_URL = "https://huggingface.co"
 DEFAULT_PROMPT = "a photo of a cat sitting on a red car"
-_HUB_CACHE_DIR = re.compile(r"^models--([^/]+?)--([^/]+)$")
 
 # Pipeline order for the tables: what was quantized first.
 _ORDER = ("transformer", "text_encoder_2", "text_encoder", "vae", "tokenizer", "tokenizer_2", "scheduler")
@@ -77,6 +76,11 @@ class CardFacts:
         return manifest_family(self.manifest)
 
     @property
+    def source(self) -> SourceIdentity:
+        """What the output was converted from (``qconvert.identity``)."""
+        return SourceIdentity.from_dict(self.manifest.get("source") or {})
+
+    @property
     def files_only(self) -> bool:
         """The output holds only the converted models' files; the rest comes from the base."""
         from ..convert.base import PIPELINE_FOLDER
@@ -97,13 +101,12 @@ class CardFacts:
 
     def base_pipeline(self) -> tuple[list[str], str]:
         """Import lines and the Python expression of the base pipeline (for file-only outputs)."""
-        ident = self.manifest.get("source") or {}
-        base = (ident.get("base") if ident.get("kind") == "bfl" else ident) or {}
-        if base.get("kind") == "builtin" and not (self.base_model and self.base_model != source_repo_id(base)):
-            return ["from qconvert.tiny import builtin_path"], f"str(builtin_path({json.dumps(base.get('name'))}))"
+        base = self.source.pipeline
+        if base.builtin and not (self.base_model and self.base_model != base.hub_repo):
+            return ["from qconvert.tiny import builtin_path"], f"str(builtin_path({json.dumps(base.builtin)}))"
         if self.base_model:
             return [], json.dumps(self.base_model)
-        path = Path(str(base.get("path", ".")))
+        path = Path(base.local_path or ".")
         # a card for a Hub repo never names the converter's own directories: the base folder's name
         return [], json.dumps("./" + path.name if self.repo_id else path.as_posix())
 
@@ -158,53 +161,13 @@ def is_generated_card(path: Path) -> bool:
         return False
 
 
-def hub_repo_from_path(path: str | Path) -> str | None:
-    """``org/name`` for a folder inside a Hub cache (``models--org--name/snapshots/<sha>``)."""
-    parts = Path(path).parts
-    for i, part in enumerate(parts):
-        m = _HUB_CACHE_DIR.match(part)
-        if m and i + 1 < len(parts) and parts[i + 1] == "snapshots":
-            return f"{m.group(1)}/{m.group(2)}"
-    return None
-
-
-def source_repo_id(identity: dict[str, Any]) -> str | None:
-    """The Hub repo id a manifest's source identity points at, if any."""
-    kind = identity.get("kind")
-    if kind == "hub":
-        return identity.get("repo_id")
-    if kind == "local":
-        return hub_repo_from_path(identity.get("path", ""))
-    if kind == "bfl":
-        return source_repo_id(identity.get("base") or {})
-    return None
-
-
-def source_revision(identity: dict[str, Any]) -> str | None:
-    kind = identity.get("kind")
-    if kind == "hub":
-        return identity.get("revision")
-    if kind == "local":
-        parts = Path(identity.get("path", "")).parts
-        if len(parts) >= 2 and parts[-2] == "snapshots":
-            return parts[-1]
-    if kind == "bfl":
-        return source_revision(identity.get("base") or {})
-    return None
-
-
-def _base_card(identity: dict[str, Any], *, token: str | None, endpoint: str | None) -> dict[str, Any] | None:
-    """Front matter of the source's own README.md."""
-    kind = identity.get("kind")
-    if kind == "bfl":
-        return _base_card(identity.get("base") or {}, token=token, endpoint=endpoint)
-    if kind == "local":
-        return front_matter(Path(identity.get("path", "")) / CARD_NAME)
-    if kind == "hub":
-        repo_id, revision = identity.get("repo_id"), identity.get("revision")
-        if not repo_id:
-            return None
-        path = _hub_readme(repo_id, revision, token=token, endpoint=endpoint)
+def _base_card(identity: SourceIdentity, *, token: str | None, endpoint: str | None) -> dict[str, Any] | None:
+    """Front matter of the source pipeline's own README.md: in its folder, else on the Hub."""
+    base = identity.pipeline
+    if base.local_path:
+        return front_matter(Path(base.local_path) / CARD_NAME)
+    if base.hub_repo:
+        path = _hub_readme(base.hub_repo, base.revision, token=token, endpoint=endpoint)
         return front_matter(path) if path else None
     return None
 
@@ -263,21 +226,22 @@ def resolve_license(
     else:
         if license_name or license_link:
             raise UsageError("--license-name/--license-link need --license")
-        identity = manifest.get("source") or {}
+        identity = SourceIdentity.from_dict(manifest.get("source") or {})
         # an earlier qconvert card keeps what was chosen then (e.g. `qconvert card --license`)
         info = _license_from(existing_card_metadata(out))
-        if info is None and identity.get("kind") == "builtin":
+        if info is None and identity.builtin:
             info = LicenseInfo(BUILTIN_LICENSE, None, None)
         if info is None:
             info = _license_from(_base_card(identity, token=token, endpoint=endpoint))
-        if info is None and base_model and base_model != source_repo_id(identity):
+        if info is None and base_model and base_model != identity.hub_repo:
             path = _hub_readme(base_model, None, token=token, endpoint=endpoint)
             info = _license_from(front_matter(path) if path else None)
         if info is None:
-            what = base_model or _source_label(identity)
+            what = base_model or identity.label
             raise InputError(
                 f"no license found for the base model {what} (its card declares none)",
-                hint="pass --license (e.g. --license apache-2.0, or --license other --license-name NAME --license-link URL)",
+                hint=f"pass {opt('license')} (e.g. {opt('license', 'apache-2.0')}, or {opt('license', 'other')} "
+                f"{opt('license_name', metavar='NAME')} {opt('license_link', metavar='URL')})",
             )
     # A relative license_link points into the base repo; keep it only if the file came along.
     if info.link and "://" not in info.link and not (Path(out) / info.link).is_file():
@@ -285,45 +249,10 @@ def resolve_license(
     return info
 
 
-def _source_label(identity: dict[str, Any]) -> str:
-    kind = identity.get("kind")
-    if kind == "builtin":
-        return str(identity.get("name"))
-    if kind == "hub":
-        return str(identity.get("repo_id"))
-    if kind in ("local", "bfl"):
-        return Path(str(identity.get("path", "?"))).name
-    return "?"
-
-
 def reproduce_command(manifest: dict[str, Any], out_name: str) -> str:
     """The ``qconvert flux`` command that makes this output again (no local absolute paths)."""
-    ident = manifest.get("source") or {}
-    kind = ident.get("kind")
-    args = ["qconvert", "flux"]
-    if kind == "builtin":
-        args += ["--source", str(ident.get("name"))]
-    elif kind == "hub":
-        args += ["--source", str(ident.get("repo_id"))]
-        if ident.get("revision"):
-            args += ["--revision", str(ident["revision"])]
-    elif kind == "local":
-        repo = hub_repo_from_path(ident.get("path", ""))
-        rev = source_revision(ident)
-        if repo:
-            args += ["--source", repo] + (["--revision", rev] if rev else [])
-        else:
-            args += ["--source", "./" + Path(str(ident.get("path", "source"))).name]
-    elif kind == "bfl":
-        args += ["--source", Path(str(ident.get("path", "model.safetensors"))).name]
-        base = ident.get("base") or {}
-        base_spec = base.get("name") or base.get("repo_id") or source_repo_id(base)
-        if not base_spec and base.get("path"):
-            base_spec = "./" + Path(str(base["path"])).name
-        if base_spec:
-            args += ["--base", str(base_spec)]
-        if base.get("revision"):
-            args += ["--revision", str(base["revision"])]
+    source = SourceIdentity.from_dict(manifest.get("source") or {})
+    args = ["qconvert", "flux", *source.reproduce_args()]
     args += ["--backend", str(manifest["backend"]), "--scheme", str(manifest["scheme"])]
     opts = manifest.get("options") or {}
     comps = opts.get("components")
@@ -362,7 +291,7 @@ def install_line(manifest: dict[str, Any], *, builtin_base: bool) -> str:
 def card_dtype(manifest: dict[str, Any], validation: dict[str, Any] | None) -> str:
     if validation and isinstance(validation.get("settings"), dict) and validation["settings"].get("dtype"):
         return str(validation["settings"]["dtype"])
-    if (manifest.get("source") or {}).get("kind") == "builtin":
+    if SourceIdentity.from_dict(manifest.get("source") or {}).builtin:
         return "float32"
     return "bfloat16"
 
@@ -377,8 +306,7 @@ def _transformer_config(out: Path) -> dict[str, Any]:
 
 def generation_args(facts: CardFacts) -> dict[str, Any]:
     """Steps/size/guidance for the usage snippet."""
-    builtin = (facts.manifest.get("source") or {}).get("kind") == "builtin"
-    if builtin:  # random-weight demo pipelines: tiny images, few steps
+    if facts.source.builtin:  # random-weight demo pipelines: tiny images, few steps
         return {"steps": 2, "size": 32, "guidance": 3.5}
     guidance = _transformer_config(facts.out).get("guidance_embeds", True)
     if guidance is False:  # FLUX.1-schnell-style: distilled, no guidance

@@ -12,7 +12,7 @@ from typing import Any
 
 from .. import faults
 from ..families import flux
-from ..errors import CorruptCheckpoint, UsageError
+from ..errors import CorruptCheckpoint, UsageError, opt
 from ..manifest import MANIFEST_NAME, build_manifest
 from ..output import atomic_folder, check_disk_space, check_output, copy_file, copy_license_files, copy_tree, write_json
 from ..plan import ComponentPlan, Plan
@@ -59,8 +59,8 @@ def parse_components(text: str | None) -> tuple[str, ...]:
     bad = [c for c in names if c not in flux.QUANTIZABLE]
     if bad or not names:
         raise UsageError(
-            f"cannot quantize component {bad[0]!r}" if bad else "--components is empty",
-            hint=f"--components takes a comma list of: {', '.join(flux.QUANTIZABLE)}",
+            f"cannot quantize component {bad[0]!r}" if bad else f"{opt('components')} is empty",
+            hint=f"{opt('components')} takes a comma list of: {', '.join(flux.QUANTIZABLE)}",
         )
     return names
 
@@ -74,7 +74,7 @@ def make_plan(source: Source, backend: Any, components: tuple[str, ...]) -> tupl
     unknown = [c for c in components if c not in source.family.quantizable]
     if unknown:
         raise UsageError(f"a {source.family.label} pipeline has no component {unknown[0]!r} to quantize",
-                         hint=f"--components takes: {', '.join(source.family.quantizable)}")  # fmt: skip
+                         hint=f"{opt('components')} takes: {', '.join(source.family.quantizable)}")  # fmt: skip
     for name in source.family.components:
         comp = source.components[name]
         if name in components and name in backend.supported_components:
@@ -89,12 +89,12 @@ def make_plan(source: Source, backend: Any, components: tuple[str, ...]) -> tupl
             if comp.folder is None:
                 raise UsageError(
                     f"the {name} of a single-file source must be converted",
-                    hint=f"include {name} in --components",
+                    hint=f"include {name} in {opt('components')}",
                 )
             size = sum(p.stat().st_size for p in comp.folder.rglob("*") if p.is_file())
             comp_plans.append(ComponentPlan(name, "copy", None, [], size, size))
     plan = Plan(
-        backend.name, backend.scheme, source.identity, comp_plans,
+        backend.name, backend.scheme, source.identity.to_dict(), comp_plans,
         layout=backend.container, scheme_text=backend.schemes[backend.scheme],
     )  # fmt: skip
     return plan, facts

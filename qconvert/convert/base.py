@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .. import faults
-from ..errors import MissingDependency, UsageError
+from ..errors import MissingDependency, UsageError, opt
 from ..plan import CAST, KEEP, QUANTIZE, ComponentPlan, Policy, Rule, TensorPlan
 from ..sources import DTYPE_SIZES, FLOAT_DTYPES, Component, SourceTensor, TensorReader
 from .writers import ShardedSafetensorsWriter, parse_size
@@ -154,7 +154,7 @@ class Backend:
         self.options = options
         jobs = options.get("jobs")
         if jobs is not None and int(jobs) < 1:
-            raise UsageError(f"--jobs must be at least 1 (got {jobs})", hint="e.g. --jobs 2")
+            raise UsageError(f"{opt('jobs')} must be at least 1 (got {jobs})", hint=f"e.g. {opt('jobs', 2)}")
         # Tensors encoded at once. Output bytes never depend on it: results are written in
         # plan order whatever order they finish in.
         self.jobs = int(jobs) if jobs else default_jobs()
@@ -166,9 +166,9 @@ class Backend:
         republish for it."""
         unknown = sorted(k for k, v in options.items() if v is not None and k not in cls.accepted_options)
         if unknown:
-            flags = ", ".join(_option_label(k) if k in cls.cli_flags else k for k in cls.accepted_options)
+            flags = ", ".join(opt(k) if k in cls.cli_flags else k for k in cls.accepted_options)
             raise UsageError(
-                f"the {cls.name} backend does not take {unknown[0]!r} ({_option_label(unknown[0])})",
+                f"the {cls.name} backend does not take {unknown[0]!r} ({opt(unknown[0])})",
                 hint=f"its options: {flags}",
             )
 
@@ -451,10 +451,6 @@ class Backend:
     def validation_environment(cls, pipe: Any, device: str) -> dict[str, Any]:
         """Facts about the loaded output for ``validation.json``'s environment (default none)."""
         return {}
-
-
-def _option_label(option: str) -> str:
-    return "--" + option.replace("_", "-")
 
 
 class GarbageBound:

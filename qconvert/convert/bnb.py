@@ -69,7 +69,7 @@ import re
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..errors import UsageError
+from ..errors import UsageError, opt
 from ..plan import CAST, KEEP, QUANTIZE, ComponentPlan, Policy, Rule, TensorPlan
 from ..sources import Component, SourceTensor
 from .base import Backend, ModelFacts
@@ -107,7 +107,7 @@ def parse_compute_dtype(value: Any) -> str:
     if text not in COMPUTE_DTYPES:
         raise UsageError(
             f"unknown compute dtype {value!r}",
-            hint="--compute-dtype takes float32, float16 or bfloat16 (or fp32, fp16, bf16)",
+            hint=f"{opt('compute_dtype')} takes float32, float16 or bfloat16 (or fp32, fp16, bf16)",
         )
     return COMPUTE_DTYPES[text]
 

@@ -67,8 +67,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from .. import __version__
 from ..families import flux
-from ..errors import InputError, NotAFluxModel, UsageError
-from ..output import public_identity
+from ..errors import InputError, NotAFluxModel, UsageError, opt
+from ..identity import SourceIdentity
 from ..plan import CAST, KEEP, QUANTIZE, ComponentPlan, Policy, Rule, TensorPlan
 from ..sources import Component, FileSegment, SourceTensor, read_safetensors_header
 from .base import GGUF_FILES, Backend, ModelFacts, ProgressFn
@@ -238,17 +238,9 @@ def t5_gguf_name(name: str) -> str | None:
     return None
 
 
-def short_name(identity: dict[str, Any], root: Path | None = None) -> str:
-    """``<name>`` of the output files, from the source identity (see the module docstring)."""
-    kind = identity.get("kind")
-    if kind == "builtin":
-        raw = str(identity.get("name", "model"))
-    elif kind == "hub":
-        raw = str(identity.get("repo_id", "model")).split("/")[-1]
-    elif kind == "bfl":
-        raw = Path(str(identity.get("file", "model"))).stem
-    else:
-        raw = Path(str(identity.get("path") or root or "model")).name
+def short_name(identity: SourceIdentity) -> str:
+    """``<name>`` of the output files, from the source's short name (see the module docstring)."""
+    raw = identity.short_name
     name = re.sub(r"[^a-z0-9._-]+", "-", raw.lower()).strip("-.")
     name = re.sub(r"^flux(?:[._-]?1)?[._-]+(?=[a-z0-9])", "", name)
     return name or "model"
@@ -490,9 +482,9 @@ class GGUFBackend(Backend):
 
         return [(n, np.concatenate([c.parts[n] for c in chunks])) for n in chunks[0].parts]
 
-    def metadata(self, component: str, name: str, comp: Component, identity: dict[str, Any]) -> dict[str, Any]:
+    def metadata(self, component: str, name: str, comp: Component, identity: SourceIdentity) -> dict[str, Any]:
         """KV pairs besides general.architecture: key -> (value, gguf value type name)."""
-        src = public_identity(identity)
+        src = identity.public().to_dict()
         kv: dict[str, Any] = {
             "general.name": (f"{self.family.gguf_file_prefix[component]}-{name}", "STRING"),
             "general.file_type": (FILE_TYPES[self.scheme], "UINT32"),
@@ -545,7 +537,7 @@ class GGUFBackend(Backend):
         from ..output import copy_license_files
 
         self.family = source.family
-        name = short_name(source.identity, source.root)
+        name = short_name(source.identity)
         written: dict[str, list[Path]] = {}
         for cp in plan.components:
             if cp.action != "quantize":
@@ -565,7 +557,7 @@ class GGUFBackend(Backend):
         comp: Component,
         cp: ComponentPlan,
         facts: ModelFacts | None,
-        identity: dict[str, Any],
+        identity: SourceIdentity,
         name: str,
         scheduler: Scheduler,
         progress: ProgressFn,
@@ -673,7 +665,7 @@ class GGUFBackend(Backend):
         if (options.get("layout") or "bfl") == "bfl" and width != 3072:
             raise InputError(
                 f"diffusers loads BFL-layout GGUF files only at Flux width 3072 (this model is {width} wide)",
-                hint="convert with --layout diffusers to validate it, or pass --no-validate",
+                hint=f"convert with {opt('layout', 'diffusers')} to validate it, or pass {opt('validate', False)}",
             )
 
     @classmethod

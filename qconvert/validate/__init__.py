@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError, UsageError, ValidationFailed
+from ..errors import UsageError, ValidationFailed, opt
 from .thresholds import Thresholds, load_thresholds
 
 VALIDATION_NAME = "validation.json"
@@ -151,33 +151,21 @@ class ValidationReport:
 
 def reference_source(manifest: dict[str, Any], spec: str | None, *, token: str | None, endpoint: str | None) -> Any:
     """The source the output was converted from (or ``spec``), resolved again."""
-    from ..sources import resolve_source
+    from ..identity import SourceIdentity
+    from ..sources import resolve_again, resolve_source
 
-    ident = manifest["source"]
+    ident = SourceIdentity.from_dict(manifest["source"])
     if spec and spec.lower().endswith(".safetensors"):
         # a single transformer file needs a base pipeline: the one the output was converted with
-        base = ident.get("base") if ident.get("kind") == "bfl" else None
-        if not base:
+        if ident.base is None:
             raise UsageError(
-                f"--reference {spec} is a single file, and the output was not converted from one with a base pipeline",
-                hint="pass a pipeline folder or Hub repo id as --reference",
+                f"{opt('reference')} {spec} is a single file, and the output was not converted from one with a base pipeline",
+                hint=f"pass a pipeline folder or Hub repo id as {opt('reference')}",
             )
-        base_spec = base.get("name") or base.get("path") or base.get("repo_id")
-        return resolve_source(spec, base=base_spec, revision=base.get("revision"), token=token, endpoint=endpoint)
+        return resolve_again(ident.base, transformer=spec, token=token, endpoint=endpoint)
     if spec:
         return resolve_source(spec, token=token, endpoint=endpoint)
-    kind = ident.get("kind")
-    if kind == "builtin":
-        return resolve_source(ident["name"])
-    if kind == "local":
-        return resolve_source(ident["path"])
-    if kind == "hub":
-        return resolve_source(ident["repo_id"], revision=ident["revision"], token=token, endpoint=endpoint)
-    if kind == "bfl":
-        base = ident["base"]
-        base_spec = base.get("name") or base.get("path") or base.get("repo_id")
-        return resolve_source(ident["path"], base=base_spec, revision=base.get("revision"), token=token, endpoint=endpoint)
-    raise InputError(f"unknown source kind {kind!r} in the manifest", hint="pass --reference")
+    return resolve_again(ident, token=token, endpoint=endpoint)
 
 
 def source_dtype(source: Any) -> Any:
@@ -205,12 +193,12 @@ def load_quantized(out: Path, manifest: dict[str, Any], ref_root: Path, *, dtype
 def load_reference(source: Any, *, dtype: Any, device: str) -> Any:
     """The source as its users load it: the family's pipeline, a single file through diffusers."""
     parts = {}
-    if source.kind == "bfl":
+    if source.identity.base is not None:  # a single transformer file
         comp = source.components["transformer"]
         width = int(comp.config.get("num_attention_heads", 0)) * int(comp.config.get("attention_head_dim", 0))
         if width == 3072:  # what a diffusers user would load
             parts["transformer"] = source.family.transformer_type().from_single_file(
-                source.identity["path"], config=str(source.root), subfolder="transformer", dtype=dtype
+                source.identity.local_path, config=str(source.root), subfolder="transformer", dtype=dtype
             )
         else:  # diffusers' BFL converter assumes width 3072: read it through qconvert's own mapping
             parts["transformer"] = _transformer_from_source(source.family, comp, dtype)
@@ -412,7 +400,7 @@ def pick_device(device: str | None) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         from ..errors import DeviceError
 
-        raise DeviceError("--device cuda was asked for, but no CUDA GPU is available", hint="use --device cpu")
+        raise DeviceError(f"{opt('device', 'cuda')} was asked for, but no CUDA GPU is available", hint=f"use {opt('device', 'cpu')}")
     return device
 
 
@@ -460,7 +448,7 @@ def validate(
     checks = _checks(quality, quantized.stats, thresholds)
     env = _environment(dev, backend, loaded_env)
     settings = {"device": dev, "dtype": str(run.dtype).replace("torch.", ""), "steps": steps, "size": size,
-                "seed": seed, "prompts": prompts, "reference": src.identity}  # fmt: skip
+                "seed": seed, "prompts": prompts, "reference": src.identity.to_dict()}  # fmt: skip
     report = ValidationReport(out, all(c.passed for c in checks), checks, quantized.stats, reference_run.stats,
                               quality, settings, env, thresholds)  # fmt: skip
     if write:
@@ -496,9 +484,9 @@ def _run_settings(steps: int | None, size: int | None, *, on_gpu: bool) -> tuple
     steps = 4 if steps is None else steps
     size = (1024 if on_gpu else 32) if size is None else size
     if steps < 2:
-        raise UsageError(f"--steps must be at least 2, not {steps}", hint="the first step is excluded from timing: e.g. --steps 4")
+        raise UsageError(f"{opt('steps')} must be at least 2, not {steps}", hint=f"the first step is excluded from timing: e.g. {opt('steps', 4)}")
     if size < 16 or size % 16:
-        raise UsageError(f"--size must be a multiple of 16 of at least 16, not {size}", hint="e.g. --size 1024 (Flux: VAE 8 x patch 2)")
+        raise UsageError(f"{opt('size')} must be a multiple of 16 of at least 16, not {size}", hint=f"e.g. {opt('size', 1024)} (Flux: VAE 8 x patch 2)")
     return steps, size
 
 
@@ -521,7 +509,7 @@ def _reference_run(src: Any, run: _Settings, tconfig: dict[str, Any]) -> _Measur
     """The source's run, memoized per process (see ``_REFERENCE_RUNS``)."""
     # the architecture, not where it was loaded from or how it was quantized
     arch = {k: v for k, v in tconfig.items() if not k.startswith("_") and k != "quantization_config"}
-    key = json.dumps([src.identity, run.device, str(run.dtype), run.steps, run.size, run.seed, run.prompts, arch],
+    key = json.dumps([src.identity.to_dict(), run.device, str(run.dtype), run.steps, run.size, run.seed, run.prompts, arch],
                      sort_keys=True, default=str)  # fmt: skip
     if key not in _REFERENCE_RUNS:
         measured, _, _ = _measure(lambda: load_reference(src, dtype=run.dtype, device=run.device), run, tconfig=tconfig)
@@ -643,9 +631,9 @@ def raise_if_failed(report: ValidationReport, *, after_convert: bool = False) ->
     if failed:
         c = failed[0]
         more = f" (+{len(failed) - 1} more)" if len(failed) > 1 else ""
-        kept = "the output is kept for inspection (convert again with --overwrite); " if after_convert else ""
+        kept = f"the output is kept for inspection (convert again with {opt('overwrite', True)}); " if after_convert else ""
         raise ValidationFailed(
             f"validation failed: {c.line()}{more}",
             hint=f"see {report.out / VALIDATION_NAME}; {kept}"
-            "limits: --thresholds FILE or the --min-*/--max-* flags of `qconvert validate`",
+            f"limits: {opt('thresholds_file', metavar='FILE')} or {opt('thresholds')}",
         )

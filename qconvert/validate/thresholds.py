@@ -8,7 +8,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..errors import UsageError
+from ..errors import UsageError, opt
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -89,5 +89,5 @@ def load_thresholds(
     for where, data in tables:
         for table, label in _tables(data, backend, scheme, where):
             _apply(t, table, label)
-    _apply(t, {k: v for k, v in (overrides or {}).items() if v is not None}, "the command line")
+    _apply(t, {k: v for k, v in (overrides or {}).items() if v is not None}, opt("overrides"))
     return t
