@@ -403,7 +403,7 @@ def test_relative_error(scheme, dtype):
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_row_chunked_quantization_is_identical(scheme):
+def test_row_chunked_quantization_is_identical(scheme, monkeypatch):
     """Big weights are quantized in row chunks; the bytes equal one quantize call on the whole."""
     from qconvert.convert.bnb import BitsAndBytesBackend
     from qconvert.plan import QUANTIZE, TensorPlan
@@ -411,9 +411,10 @@ def test_row_chunked_quantization_is_identical(scheme):
     for shape in ((512, 512), (333, 77)):  # 77 columns: chunks of 64 rows keep blocks whole
         w = torch.randn(*shape, generator=torch.Generator().manual_seed(1)) * 0.02
         backend = BitsAndBytesBackend(scheme)
-        backend.chunk_elems = 5000
-        assert len(backend._row_chunks(w)) > 1
+        monkeypatch.setattr("qconvert.convert.schedule.CHUNK_VALUES", 5000)
         plan = TensorPlan("m.weight", shape, "F32", QUANTIZE, scheme, w.nbytes, 0)
+        rows = backend.chunk_rows(plan)
+        assert rows and rows < shape[0] and (scheme == "int8" or rows * shape[1] % 64 == 0)
         got = dict(backend.encode("transformer", plan, w))
         want = expected_quantized("m.weight", w.to(torch.bfloat16), scheme)
         assert set(got) == set(want)
@@ -423,11 +424,11 @@ def test_row_chunked_quantization_is_identical(scheme):
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_chunked_conversion_is_identical(scheme, source, outputs, tmp_path, monkeypatch):
-    """The shared layer's row-chunked reading (chunk_rows/merge_chunks) writes the same bytes."""
+    """The scheduler's row-chunked reading (chunk_rows/encode_chunk/finish_tensor) writes the same bytes."""
     from qconvert.convert import convert
     from qconvert.convert.bnb import BitsAndBytesBackend
 
-    monkeypatch.setattr(BitsAndBytesBackend, "chunk_elems", 1024)  # several chunks for most Linears
+    monkeypatch.setattr("qconvert.convert.schedule.CHUNK_VALUES", 1024)  # several chunks for most Linears
     res = convert(source, "bnb", scheme, tmp_path / "o", progress=False)
     probe = BitsAndBytesBackend(scheme)
     assert sum(bool(probe.chunk_rows(tp)) for tp in res.plan.component("transformer").tensors) >= 5

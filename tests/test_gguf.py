@@ -489,19 +489,14 @@ def write_synthetic(comp, scheme: str, out: Path, *, jobs: int, pool: str = "thr
 
     backend = G.GGUFBackend(scheme, jobs=jobs, pool=pool)
     cp = backend.plan_component(comp, None)
-    executor = backend._executor()
-    try:
-        with TensorReader() as reader:
-            identity = BuiltinSource("x")
-            backend.write_gguf(out, comp, cp, None, identity, "x", reader, lambda n: None, _check_finite, executor)
-    finally:
-        if executor is not None:
-            executor.shutdown()
+    with TensorReader() as reader, backend.scheduler(reader, _check_finite) as scheduler:
+        identity = BuiltinSource("x")
+        backend.write_gguf(out, comp, cp, None, identity, "x", scheduler, lambda n: None)
     return out, cp
 
 
 def test_k_types_stream_in_chunks_identically(tmp_path, monkeypatch):
-    monkeypatch.setattr(G, "CHUNK_ELEMENTS", 512 * 64)  # wi_0: 10 chunks of 64 rows (last 24)
+    monkeypatch.setattr("qconvert.convert.schedule.CHUNK_VALUES", 512 * 64)  # wi_0: 10 chunks of 64 rows (last 24)
     comp, tensors = synthetic_t5(tmp_path)
     p1, cp = write_synthetic(comp, "Q4_K_M", tmp_path / "j1.gguf", jobs=1)
     p3, _ = write_synthetic(comp, "Q4_K_M", tmp_path / "j3.gguf", jobs=3)
@@ -523,7 +518,7 @@ def test_k_types_stream_in_chunks_identically(tmp_path, monkeypatch):
 def test_nan_in_source_is_reported(tmp_path, monkeypatch):
     from qconvert.errors import CorruptCheckpoint
 
-    monkeypatch.setattr(G, "CHUNK_ELEMENTS", 512 * 64)
+    monkeypatch.setattr("qconvert.convert.schedule.CHUNK_VALUES", 512 * 64)
     comp, _ = synthetic_t5(tmp_path, nan=True)
     for jobs in (1, 2):
         with pytest.raises(CorruptCheckpoint, match="DenseReluDense.wi_0.weight contains NaN"):

@@ -19,6 +19,7 @@ from ..plan import ComponentPlan, Plan
 from ..sources import Source, TensorReader
 from . import bnb, gguf, torchao
 from .base import PIPELINE_FOLDER, Backend
+from .schedule import Scheduler
 
 # The registry, like diffusers' quantizers/auto.py: one explicit mapping name -> backend class.
 # Each backend's module declares everything about it (schemes, options, extra, how users and
@@ -153,11 +154,12 @@ def convert(
     with atomic_folder(out, overwrite=overwrite, needed=plan.bytes_out) as tmp:
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not progress, leave=False)
         try:
-            with TensorReader() as reader:
+            # One scheduler (and worker pool) for the whole conversion, whatever the container.
+            with TensorReader() as reader, backend.scheduler(reader, _check_finite) as scheduler:
                 if backend.container == PIPELINE_FOLDER:
-                    written = _write_pipeline(source, plan, facts, backend, tmp, reader, bar.update, seconds)
+                    written = _write_pipeline(source, plan, facts, backend, tmp, scheduler, bar.update, seconds)
                 else:
-                    written = backend.write_output(source, plan, facts, tmp, reader, bar.update, _check_finite, seconds)
+                    written = backend.write_output(source, plan, facts, tmp, scheduler, bar.update, seconds)
         finally:
             bar.close()  # clears its line, so an error message starts on a clean line
         manifest = build_manifest(source, plan, backend, tmp, written, components, options)
@@ -172,7 +174,7 @@ def _write_pipeline(
     facts: dict[str, Any],
     backend: Any,
     tmp: Path,
-    reader: TensorReader,
+    scheduler: Scheduler,
     progress: Any,
     seconds: dict[str, float],
 ) -> dict[str, list[Path]]:
@@ -184,9 +186,7 @@ def _write_pipeline(
             assert comp.folder is not None
             written[cp.name] = copy_tree(comp.folder, tmp / cp.name)
         else:
-            written[cp.name] = backend.write_component(
-                comp, cp, facts[cp.name], tmp, reader, progress, _check_finite
-            )
+            written[cp.name] = backend.write_component(comp, cp, facts[cp.name], tmp, scheduler, progress)
         seconds[cp.name] = time.perf_counter() - t0
     copy_file(source.root / "model_index.json", tmp / "model_index.json")
     written["_root"] = [tmp / "model_index.json"]

@@ -1,24 +1,23 @@
 """The backend base class: a small set of defaulted hooks.
 
-A backend knows how to turn one source tensor (and its name) into output tensors, and how
-to describe itself in config.json, the card and validation. Reading sources, planning,
-streaming, sharding, manifests and atomic output belong to the shared layer
-(:mod:`qconvert.convert`), so a new backend is one module: subclass :class:`Backend`, fill
-its declarations (``name``, ``schemes``, ``accepted_options``, ``extra``, ``import_names``
-...), override the hooks that differ (:meth:`policy`, :meth:`encode`,
+A backend knows how to turn one source tensor (and its name) into output tensors — its
+*codec*: :meth:`~Backend.chunk_rows`, :meth:`~Backend.encode_chunk`,
+:meth:`~Backend.finish_tensor` — and how to describe itself in config.json, the card and
+validation. Reading sources, planning, chunking, the worker pool and plan order
+(:mod:`qconvert.convert.schedule`), sharding, manifests and atomic output belong to the
+shared layer (:mod:`qconvert.convert`), so a new backend is one module: subclass
+:class:`Backend`, fill its declarations (``name``, ``schemes``, ``accepted_options``,
+``extra``, ``import_names`` ...), override the hooks that differ (:meth:`policy`, the codec,
 :meth:`quantization_config`, :meth:`usage_lines` ...), and list it in ``BACKENDS``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gc
 import importlib.util
 import json
 import os
-from collections import deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -27,6 +26,7 @@ from .. import faults
 from ..errors import MissingDependency, UsageError, opt
 from ..plan import CAST, KEEP, QUANTIZE, ComponentPlan, Policy, Rule, TensorPlan
 from ..sources import DTYPE_SIZES, FLOAT_DTYPES, Component, SourceTensor, TensorReader
+from .schedule import EncodedChunk, Scheduler, row_ranges
 from .writers import ShardedSafetensorsWriter, parse_size
 
 # diffusers' and transformers' save_pretrained defaults.
@@ -155,9 +155,11 @@ class Backend:
         jobs = options.get("jobs")
         if jobs is not None and int(jobs) < 1:
             raise UsageError(f"{opt('jobs')} must be at least 1 (got {jobs})", hint=f"e.g. {opt('jobs', 2)}")
-        # Tensors encoded at once. Output bytes never depend on it: results are written in
+        # Chunks encoded at once. Output bytes never depend on it: results are written in
         # plan order whatever order they finish in.
         self.jobs = int(jobs) if jobs else default_jobs()
+        # Where chunks are encoded: "thread" (every backend) or "process" (GGUF's pool option).
+        self.pool = "thread"
 
     @classmethod
     def check_options(cls, options: dict[str, Any]) -> None:
@@ -204,22 +206,23 @@ class Backend:
             return tensor.numel * DTYPE_SIZES[str(rule.target)]
         raise NotImplementedError
 
-    def plan_component(self, comp: Component, facts: ModelFacts) -> ComponentPlan:
+    def plan_component(self, comp: Component, facts: ModelFacts | None) -> ComponentPlan:
+        """Decide every tensor of :meth:`tensor_sources` by :meth:`policy`, in that order."""
         policy = self.policy(comp.name, facts)
         plans = []
-        for name in sorted(comp.tensors):
-            t = comp.tensors[name]
-            rule = policy.decide(name, t.shape, is_linear_weight=name in facts.linear_weights)
+        for key, (t, is_linear) in self.tensor_sources(comp, facts).items():
+            rule = policy.decide(key, t.shape, is_linear_weight=is_linear)
+            action, target = self.plan_action(rule, t)
             plans.append(
                 TensorPlan(
-                    name=name,
+                    name=t.name,
                     shape=t.shape,
                     dtype=t.dtype,
-                    action=rule.action,
-                    target=rule.target,
+                    action=action,
+                    target=target,
                     bytes_in=t.nbytes,
                     bytes_out=self.estimate_bytes(rule, t),
-                    out_name=self.output_name(comp.name, name),
+                    out_name=self.output_name(comp.name, key),
                 )
             )
         cp = ComponentPlan(comp.name, "quantize", self.scheme, plans)
@@ -227,100 +230,79 @@ class Backend:
         cp.bytes_out = sum(p.bytes_out for p in plans)
         return cp
 
-    def output_name(self, component: str, name: str) -> str | None:
+    def tensor_sources(self, comp: Component, facts: ModelFacts | None) -> dict[str, tuple[SourceTensor, bool]]:
+        """The tensors to write, in output order, keyed by the name the policy matches, each
+        with whether it is a Linear weight. Default: the component's own, by name (GGUF: its
+        output names, BFL-fused tensors included)."""
+        linear = facts.linear_weights if facts else set()
+        return {name: (comp.tensors[name], name in linear) for name in sorted(comp.tensors)}
+
+    def plan_action(self, rule: Rule, tensor: SourceTensor) -> tuple[str, Any]:
+        """The (action, target) planned for ``tensor`` under ``rule`` (default: the rule's)."""
+        return rule.action, rule.target
+
+    def output_name(self, component: str, key: str) -> str | None:
+        """The tensor's name in the output, when it is not its source name (default None)."""
         return None
+
+    def planned_sources(
+        self, comp: Component, facts: ModelFacts | None, plan: ComponentPlan
+    ) -> list[tuple[TensorPlan, SourceTensor]]:
+        """Each planned tensor with the lazy source tensor the scheduler reads it from."""
+        by_name = {t.name: t for t, _ in self.tensor_sources(comp, facts).values()}
+        return [(tp, by_name[tp.name]) for tp in plan.tensors]
 
     # --- encoding --------------------------------------------------------------------------
 
     def begin_component(self, comp: Component, facts: ModelFacts) -> None:
         """Hook: called before a component's first tensor."""
 
-    def encode(self, component: str, plan: TensorPlan, tensor: Any) -> list[tuple[str, Any]]:
-        """Turn one source tensor into the output tensors that must share a shard."""
+    # --- the tensor codec (driven by convert/schedule.py's Scheduler) ------------------------
+
+    # Quantizer libraries leave reference cycles (torchao's tensor subclasses, module
+    # parametrizations): the scheduler collects them after every chunk and tensor. False for
+    # an encoder that makes none (GGUF's numpy), which saves those collections.
+    reference_cycles: ClassVar[bool] = True
+
+    def chunk_rows(self, plan: TensorPlan) -> int | None:
+        """Rows per chunk for ``plan``'s tensor, or None to encode it whole (default).
+
+        Return :func:`~qconvert.convert.schedule.rows_per_chunk` of the shape with the rows
+        alignment the encoding needs (the one chunk size is shared); only for encodings whose
+        chunks, finished together, give the bytes of encoding the whole tensor at once.
+        """
+        return None
+
+    def encode_chunk(self, component: str, plan: TensorPlan, rows: Any) -> EncodedChunk:
+        """Encode rows of one source tensor (a torch tensor; runs on the worker pool, so it
+        must not change the backend's state: record what the output needs in ``meta`` and
+        keep it in :meth:`finish_tensor`). Default: keep or cast."""
         if plan.action == KEEP:
-            return [(plan.name, tensor)]
+            return EncodedChunk({plan.name: rows})
         if plan.action == CAST:
             import torch
 
-            return [(plan.name, tensor.to(getattr(torch, _TORCH_NAMES[str(plan.target)])))]
+            return EncodedChunk({plan.name: rows.to(getattr(torch, _TORCH_NAMES[str(plan.target)]))})
         raise NotImplementedError(f"{self.name} cannot {plan.action} {plan.name}")
 
-    # Quantizing a big tensor at once needs several float32 temporaries of its size; rows are
-    # independent for per-row and per-block schemes, so big tensors are read and quantized
-    # in row chunks of about this many source bytes, and the pieces merged.
-    chunk_bytes: ClassVar[int] = 16 << 20
-
-    def chunk_rows(self, plan: TensorPlan) -> int | None:
-        """Rows per chunk for ``plan``'s tensor, or None to process it whole (default)."""
-        return None
-
-    def merge_chunks(self, plan: TensorPlan, chunks: list[list[tuple[str, Any]]]) -> list[tuple[str, Any]]:
-        """Join the encoded chunks of one tensor (default: concatenate each output on dim 0)."""
+    def finish_tensor(self, component: str, plan: TensorPlan, chunks: list[EncodedChunk]) -> list[tuple[str, Any]]:
+        """One tensor's encoded chunks (row order) -> its output tensors, which share a shard
+        (runs in plan order). Default: each part concatenated on dim 0."""
+        if len(chunks) == 1:
+            return list(chunks[0].parts.items())
         import torch
 
-        names = [n for n, _ in chunks[0]]
-        return [(n, torch.cat([dict(c)[n] for c in chunks], dim=0)) for n in names]
+        return [(n, torch.cat([c.parts[n] for c in chunks], dim=0)) for n in chunks[0].parts]
 
-    def encode_streaming(
-        self, comp: Component, plan: TensorPlan, reader: TensorReader, check_tensor: Callable[[str, Any], None]
-    ) -> list[tuple[str, Any]]:
-        """Read and encode one tensor, in row chunks when the backend allows it."""
-        source = comp.tensors[plan.name]
-        rows = self.chunk_rows(plan) if plan.action == QUANTIZE else None
-        if not rows or rows >= source.shape[0]:
-            tensor = reader.load(source)
-            check_tensor(plan.name, tensor)
-            return self.encode(comp.name, plan, tensor)
-        chunks = []
-        for start in range(0, source.shape[0], rows):
-            part = reader.load(source, rows=(start, min(start + rows, source.shape[0])))
-            check_tensor(plan.name, part)
-            chunks.append(self.encode(comp.name, plan, part))
-            del part
-            gc.collect(1)  # see GarbageBound
-        return self.merge_chunks(plan, chunks)
+    def encode(self, component: str, plan: TensorPlan, tensor: Any) -> list[tuple[str, Any]]:
+        """A whole tensor in memory through the codec, in the same row chunks (tests, tools)."""
+        ranges = row_ranges(tensor.shape[0] if tensor.dim() else 0, self.chunk_rows(plan))
+        chunks = [self.encode_chunk(component, plan, tensor if r is None else tensor[r[0] : r[1]]) for r in ranges]
+        return self.finish_tensor(component, plan, chunks)
 
-    def encode_in_order(
-        self,
-        comp: Component,
-        tensors: list[TensorPlan],
-        reader: TensorReader,
-        check_tensor: Callable[[str, Any], None],
-    ) -> Iterator[list[tuple[str, Any]]]:
-        """Encoded groups in plan order; with ``jobs`` > 1, read and encoded on a thread pool.
-
-        The quantizers' kernels (torch, bitsandbytes) and the mmapped reads release the GIL,
-        so threads overlap one tensor's read with another's quantization and use every core.
-        At most ``jobs + 1`` tensors are in flight, which bounds the extra memory to a few
-        tensors' outputs and chunk temporaries.
-        """
-        if self.jobs <= 1:
-            for tp in tensors:
-                yield self.encode_streaming(comp, tp, reader, check_tensor)
-            return
-        import torch
-
-        pending: deque[Future] = deque()
-        todo = iter(tensors)
-        # Split the cores between the workers: each torch kernel would otherwise start a team
-        # of all-cores threads, jobs x cores threads in all, which thrashes many-core machines.
-        torch_threads = torch.get_num_threads()
-        torch.set_num_threads(max(1, torch_threads // self.jobs))
-        with ThreadPoolExecutor(self.jobs, thread_name_prefix=f"qconvert-{self.name}") as pool:
-            try:
-                while True:
-                    while len(pending) <= self.jobs:
-                        tp = next(todo, None)
-                        if tp is None:
-                            break
-                        pending.append(pool.submit(self.encode_streaming, comp, tp, reader, check_tensor))
-                    if not pending:
-                        return
-                    yield pending.popleft().result()
-            finally:
-                for fut in pending:
-                    fut.cancel()
-                torch.set_num_threads(torch_threads)
+    def scheduler(self, reader: TensorReader, check_tensor: Callable[[str, Any], None]) -> Scheduler:
+        """The conversion's scheduler: ``--jobs`` workers of the backend's pool kind."""
+        return Scheduler(reader, check_tensor, jobs=self.jobs, pool=self.pool, name=self.name)
 
     def shard_metadata(self, component: str) -> dict[str, str]:
         """``__metadata__`` of every shard of a component (known after all tensors)."""
@@ -344,9 +326,8 @@ class Backend:
         plan: ComponentPlan,
         facts: ModelFacts,
         out_dir: Path,
-        reader: TensorReader,
+        scheduler: Scheduler,
         progress: ProgressFn,
-        check_tensor: Callable[[str, Any], None],
     ) -> list[Path]:
         """Default: a diffusers/transformers component folder with safetensors shards."""
         folder = out_dir / comp.name
@@ -361,15 +342,15 @@ class Backend:
         reserve = 4096 + 1536 * len(plan.tensors)
         writer = ShardedSafetensorsWriter(folder, base_name, parse_size(shard), header_reserve=reserve)
         self.begin_component(comp, facts)
-        collector = GarbageBound()
         try:
             # closing(): on an error, stop the workers now, not when the generator is collected
-            with contextlib.closing(self.encode_in_order(comp, plan.tensors, reader, check_tensor)) as encoded:
-                for tp, tensors in zip(plan.tensors, encoded, strict=True):
+            items = self.planned_sources(comp, facts, plan)
+            with contextlib.closing(scheduler.tensors(self, comp.name, items)) as encoded:
+                for tp, tensors in encoded:
                     faults.tensor_written()
                     writer.add_group(tensors)
+                    del tensors
                     progress(tp.bytes_in)
-                    collector.step(tp.bytes_in)
             files = writer.finish(self.shard_metadata(comp.name))
         except BaseException:
             writer.abort()
@@ -389,13 +370,13 @@ class Backend:
         plan: Any,
         facts: dict[str, Any],
         tmp: Path,
-        reader: TensorReader,
+        scheduler: Scheduler,
         progress: ProgressFn,
-        check_tensor: Callable[[str, Any], None],
         seconds: dict[str, float],
     ) -> dict[str, list[Path]]:
         """Write a container other than a pipeline folder (which the shared layer writes
-        through :meth:`write_component`): files per component, plus ``"_root"``."""
+        through :meth:`write_component`): files per component, plus ``"_root"``. Take the
+        tensors from ``scheduler`` (:meth:`Scheduler.chunks` to stream them)."""
         raise NotImplementedError(f"the {self.name} backend declares container {self.container!r} but writes none")
 
     # --- cards: how a user loads the output --------------------------------------------------
@@ -451,28 +432,6 @@ class Backend:
     def validation_environment(cls, pipe: Any, device: str) -> dict[str, Any]:
         """Facts about the loaded output for ``validation.json``'s environment (default none)."""
         return {}
-
-
-class GarbageBound:
-    """Keep garbage from reference cycles bounded while streaming.
-
-    Quantizer libraries leave reference cycles (torchao's tensor subclasses, module
-    parametrizations); freed only by the cyclic collector, they would pile up to a sizeable
-    part of the model. A young-generation collection after every tensor (microseconds) frees
-    them while they are young; a full one (~0.4 s with diffusers loaded) runs every
-    ``every`` bytes for whatever got promoted.
-    """
-
-    def __init__(self, every: int = 1 << 30) -> None:
-        self.every = every
-        self.pending = 0
-
-    def step(self, nbytes: int) -> None:
-        gc.collect(1)
-        self.pending += nbytes
-        if self.pending >= self.every:
-            gc.collect()
-            self.pending = 0
 
 
 _TORCH_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}

@@ -73,6 +73,7 @@ from ..errors import UsageError, opt
 from ..plan import CAST, KEEP, QUANTIZE, ComponentPlan, Policy, Rule, TensorPlan
 from ..sources import Component, SourceTensor
 from .base import Backend, ModelFacts
+from .schedule import EncodedChunk, rows_per_chunk
 
 BLOCKSIZE = 64  # Params4bit's default; what diffusers/transformers use
 NESTED_BLOCKSIZE = 256  # quantize_4bit's blocksize for the double-quantized absmax
@@ -93,7 +94,6 @@ COMPUTE_DTYPES = {
 
 _ST_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 _TORCH_FROM_ST = {v: k for k, v in _ST_NAMES.items()}
-_ST_FROM_TORCH = {"torch.float64": "F64", "torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16"}
 _FLOAT_NAMES = ("F64", "F32", "F16", "BF16")
 
 _LIBRARY = {"transformer": "diffusers", "text_encoder_2": "transformers"}
@@ -140,9 +140,6 @@ class BitsAndBytesBackend(Backend):
     pip_package = "bitsandbytes"
     version_packages = ("bitsandbytes",)
     warm_up_modules = ("bitsandbytes", "diffusers.quantizers.bitsandbytes.bnb_quantizer")
-
-    # Big weights are quantized in row chunks of about this many values (see quantize()).
-    chunk_elems: ClassVar[int] = 1 << 22
 
     def __init__(self, scheme: str, **options: Any) -> None:
         super().__init__(scheme, **options)
@@ -231,50 +228,52 @@ class BitsAndBytesBackend(Backend):
             return tensor.to(getattr(torch, self.compute_dtype))
         return tensor
 
-    def _rows_per_chunk(self, shape: tuple[int, ...]) -> int:
-        """Rows per chunk: about ``chunk_elems`` values, whole 4-bit blocks (64 values) only."""
-        cols = shape[1] if len(shape) > 1 else 1
-        align = BLOCKSIZE // math.gcd(cols, BLOCKSIZE) if self.is_4bit else 1
-        return max(align, self.chunk_elems // max(cols, 1) // align * align)
-
-    def _row_chunks(self, tensor: Any) -> list[Any]:
-        per = self._rows_per_chunk(tuple(tensor.shape))
-        return list(tensor.split(per)) if per < tensor.shape[0] else [tensor]
+    # The codec. bitsandbytes' CPU quantizer makes several float32/int64 temporaries of its
+    # whole input (~20 bytes per value for fp4), so big weights are quantized in row chunks
+    # whose 4-bit blocks of 64 consecutive values never straddle two chunks. Blocks and rows
+    # are independent, so the bytes equal one ``quantize_4bit``/``int8_vectorwise_quant`` call
+    # on the whole weight; with double quant the absmax statistics are then quantized over
+    # the whole weight (finish_tensor) exactly as ``quantize_4bit`` does (mean offset,
+    # ``quantize_blockwise`` with blocksize 256).
 
     def chunk_rows(self, plan: TensorPlan) -> int | None:
-        """Shared-layer hook: read big Linear weights in row chunks (see :meth:`quantize`)."""
+        """Big Linear weights in row chunks of whole 4-bit blocks (64 values; int8: any rows)."""
         if plan.action != QUANTIZE or len(plan.shape) != 2:
             return None
-        rows = self._rows_per_chunk(plan.shape)
-        return rows if rows < plan.shape[0] else None
+        cols = plan.shape[1]
+        return rows_per_chunk(plan.shape, align=BLOCKSIZE // math.gcd(cols, BLOCKSIZE) if self.is_4bit else 1)
 
-    def _quantize_rows(self, part: Any) -> list[tuple[str, Any]]:
-        """Quantize whole rows; 4-bit: ``[("q", packed), ("absmax", fp32)]``, int8: ``[("cb", ..), ("scb", ..)]``."""
+    def encode_chunk(self, component: str, plan: TensorPlan, rows: Any) -> EncodedChunk:
+        """Quantize whole rows; 4-bit: parts ``q`` (packed) and ``absmax`` (float32), int8:
+        ``cb`` and ``scb``. :meth:`finish_tensor` builds the serialized layout from them."""
+        if plan.action != QUANTIZE:
+            return super().encode_chunk(component, plan, rows)
+        if rows.dim() != 2:
+            raise ValueError(f"{plan.name}: a Linear weight must be 2-D, got shape {tuple(rows.shape)}")
         import bitsandbytes.functional as F
         import torch
 
-        w = self._quant_input(part).contiguous()
+        w = self._quant_input(rows).contiguous()
         if not self.is_4bit:
             cb, scb, _ = F.int8_vectorwise_quant(w.to(torch.float16))  # Int8Params quantizes from float16
-            return [("cb", cb), ("scb", scb)]
+            return EncodedChunk({"cb": cb, "scb": scb})
         quant_type, _ = _4BIT[self.scheme]
         q, st = F.quantize_4bit(
             w, blocksize=BLOCKSIZE, compress_statistics=False, quant_type=quant_type, quant_storage=torch.uint8
         )
-        return [("q", q), ("absmax", st.absmax)]
+        return EncodedChunk({"q": q, "absmax": st.absmax})
 
-    def _finish(
-        self, name: str, shape: tuple[int, ...], source_dtype: str, raws: list[list[tuple[str, Any]]]
-    ) -> list[tuple[str, Any]]:
-        """Join the row chunks' raw results into the serialized layout of one Linear."""
+    def finish_tensor(self, component: str, plan: TensorPlan, chunks: list[EncodedChunk]) -> list[tuple[str, Any]]:
+        """Join the row chunks into the serialized layout of one Linear, in save order."""
+        if plan.action != QUANTIZE:
+            return super().finish_tensor(component, plan, chunks)
         import bitsandbytes.functional as F
         import torch
 
-        parts = [dict(r) for r in raws]
-
         def cat(key: str) -> Any:
-            return parts[0][key] if len(parts) == 1 else torch.cat([p[key] for p in parts])
+            return chunks[0].parts[key] if len(chunks) == 1 else torch.cat([c.parts[key] for c in chunks])
 
+        name = plan.name
         if not self.is_4bit:
             prefix = name.removesuffix(".weight")
             weight_format = torch.tensor(0, dtype=torch.uint8)  # 0 = row-major, the only format bnb writes now
@@ -283,8 +282,8 @@ class BitsAndBytesBackend(Backend):
         q, absmax = cat("q"), cat("absmax")
         # What quantize_4bit builds (bitsandbytes.functional, 0.50): same code, same order.
         common = dict(
-            shape=torch.Size(shape),
-            dtype=getattr(torch, self.quant_dtype_name(source_dtype)),
+            shape=torch.Size(plan.shape),
+            dtype=getattr(torch, self.quant_dtype_name(plan.dtype)),
             blocksize=BLOCKSIZE,
             code=F.get_4bit_type(quant_type, device=absmax.device),
             quant_type=quant_type,
@@ -296,35 +295,6 @@ class BitsAndBytesBackend(Backend):
         else:
             state = F.QuantState(absmax=absmax, **common)
         return [(name, q)] + [(f"{name}.{k}", v) for k, v in state.as_dict(packed=True).items()]
-
-    def quantize(self, name: str, tensor: Any) -> list[tuple[str, Any]]:
-        """Quantize one Linear weight ``<m>.weight``: its serialized tensors, in save order.
-
-        bitsandbytes' CPU quantizer makes several float32/int64 temporaries of its whole
-        input (~20 bytes per value for fp4), so big weights are quantized in row chunks
-        (the shared layer reads them in chunks through :meth:`chunk_rows`, and this splits
-        whatever it gets again) whose 4-bit blocks of 64 consecutive values never straddle
-        two chunks. Blocks and rows are independent, so the bytes are identical to one
-        ``quantize_4bit``/``int8_vectorwise_quant`` call on the whole weight; with double
-        quant the absmax statistics are then quantized over the whole weight exactly as
-        ``quantize_4bit`` does (mean offset, ``quantize_blockwise`` with blocksize 256).
-        """
-        raws = [self._quantize_rows(part) for part in self._row_chunks(tensor)]
-        return self._finish(name, tuple(tensor.shape), _ST_FROM_TORCH[str(tensor.dtype)], raws)
-
-    def encode(self, component: str, plan: TensorPlan, tensor: Any) -> list[tuple[str, Any]]:
-        if plan.action != QUANTIZE:
-            return super().encode(component, plan, tensor)
-        if tensor.dim() != 2:
-            raise ValueError(f"{plan.name}: a Linear weight must be 2-D, got shape {tuple(tensor.shape)}")
-        if tuple(tensor.shape) != tuple(plan.shape):  # a row chunk from the shared layer
-            raws = [self._quantize_rows(part) for part in self._row_chunks(tensor)]
-            return [("raw", raws)]
-        return self.quantize(plan.name, tensor)
-
-    def merge_chunks(self, plan: TensorPlan, chunks: list[list[tuple[str, Any]]]) -> list[tuple[str, Any]]:
-        raws = [raw for chunk in chunks for raw in dict(chunk)["raw"]]
-        return self._finish(plan.name, tuple(plan.shape), plan.dtype, raws)
 
     # --- config ----------------------------------------------------------------------------
 

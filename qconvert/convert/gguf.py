@@ -461,10 +461,15 @@ class GGUFBackend(Backend):
     def output_name(self, component: str, key: str) -> str | None:
         return key  # tensor_sources is keyed by the output name already
 
+    # The family being written (write_output sets the source's): its GGUF architecture and file names.
+    family: Any = flux.Flux
+
     def file_name(self, component: str, name: str) -> str:
         return f"{self.family.gguf_file_prefix[component]}-{name}-{self.scheme}.gguf"
 
     # --- encoding -----------------------------------------------------------------------------
+
+    reference_cycles = False  # numpy arrays only: nothing for the cyclic collector
 
     def chunk_rows(self, plan: TensorPlan) -> int | None:
         # Every GGML type's blocks run along a row (resolve_type makes the row a whole number

@@ -18,8 +18,9 @@ from typing import Any, ClassVar
 
 from ..errors import DeviceError
 from ..plan import KEEP, QUANTIZE, Policy, Rule, TensorPlan
-from ..sources import DTYPE_SIZES, Component, SourceTensor
+from ..sources import Component, SourceTensor
 from .base import Backend, ModelFacts
+from .schedule import EncodedChunk, rows_per_chunk
 
 # scheme -> torchao config class name
 _CONFIGS = {
@@ -90,25 +91,22 @@ class TorchAOBackend(Backend):
     def chunk_rows(self, plan: TensorPlan) -> int | None:
         # Per-row schemes: rows quantize independently, so chunks give identical bytes.
         # int4wo packs tiles on the GPU: quantize it whole.
-        if self.scheme == "int4wo":
+        if self.scheme == "int4wo" or plan.action != QUANTIZE:
             return None
-        row_bytes = plan.shape[1] * DTYPE_SIZES[plan.dtype]
-        return max(1, self.chunk_bytes // row_bytes)
+        return rows_per_chunk(plan.shape)
 
     def begin_component(self, comp: Component, facts: ModelFacts) -> None:
         self._metadata = {}
         self._names = []
         self._config = self.torchao_config()
 
-    def encode(self, component: str, plan: TensorPlan, tensor: Any) -> list[tuple[str, Any]]:
-        from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
-
-        if plan.name not in self._metadata:
-            self._names.append(plan.name)
+    def encode_chunk(self, component: str, plan: TensorPlan, tensor: Any) -> EncodedChunk:
+        """Rows of a Linear weight quantized with ``quantize_`` and flattened; ``meta``: the
+        per-tensor JSON of the shard header (the same for every chunk: no shapes in it)."""
         if plan.action != QUANTIZE:
-            self._metadata[plan.name] = json.dumps({"_type": "Tensor"})
-            return super().encode(component, plan, tensor)
+            return super().encode_chunk(component, plan, tensor)
         import torch
+        from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
         from torchao.quantization import quantize_
 
         out_features, in_features = tensor.shape
@@ -120,15 +118,22 @@ class TorchAOBackend(Backend):
         if type(linear.weight) in (torch.Tensor, torch.nn.Parameter):  # the policy should have kept it
             raise RuntimeError(f"torchao left {plan.name} {tuple(tensor.shape)} unquantized under {self.scheme}")
         flat, metadata = flatten_tensor_state_dict({plan.name: linear.weight})
-        self._metadata[plan.name] = metadata[plan.name]
         # quantize_ leaves a reference cycle through the module; break it so the quantized
         # tensor is freed now rather than at the next garbage collection (bounded memory).
         linear._parameters.clear()
-        return [(k, v.cpu()) for k, v in flat.items()]
+        return EncodedChunk({k: v.cpu() for k, v in flat.items()}, meta=metadata[plan.name])
+
+    def finish_tensor(self, component: str, plan: TensorPlan, chunks: list[EncodedChunk]) -> list[tuple[str, Any]]:
+        # Runs in plan order on one thread: the place to record the shard header's JSON.
+        if plan.name not in self._metadata:
+            self._names.append(plan.name)
+        quantized = plan.action == QUANTIZE
+        self._metadata[plan.name] = chunks[0].meta if quantized else json.dumps({"_type": "Tensor"})
+        return super().finish_tensor(component, plan, chunks)
 
     def shard_metadata(self, component: str) -> dict[str, str]:
-        # Tensors may be encoded on several threads, in any order: list them in name order
-        # (the plan's order) so the header is the same for any --jobs.
+        # In name order (the plan's order, in which finish_tensor records them) so the header
+        # is the same for any --jobs.
         names = sorted(self._names)
         meta = {"format": "pt", **{n: self._metadata[n] for n in names}}
         meta["tensor_names"] = json.dumps(names)
