@@ -141,7 +141,8 @@ class Backend:
     container: ClassVar[str] = PIPELINE_FOLDER
     supported_components: ClassVar[tuple[str, ...]] = ("transformer", "text_encoder_2")
     hub_library_name: ClassVar[str] = "diffusers"  # the card's ``library_name``
-    card_loader: ClassVar[str] = "one `FluxPipeline.from_pretrained` call"  # "It loads with ..."
+    # "It loads with ..." on the card; {pipeline} and {transformer}: the family's class names
+    card_loader: ClassVar[str] = "one `{pipeline}.from_pretrained` call"
 
     def __init__(self, scheme: str, **options: Any) -> None:
         if scheme not in self.schemes:
@@ -395,11 +396,12 @@ class Backend:
     @classmethod
     def usage_lines(cls, facts: Any) -> list[str]:
         """The usage snippet up to a ``pipe`` on its device (the card adds the ``pipe(...)`` call)."""
+        pipeline = facts.family.pipeline_class
         return [
             "import torch",
-            "from diffusers import FluxPipeline",
+            f"from diffusers import {pipeline}",
             "",
-            f"pipe = FluxPipeline.from_pretrained({json.dumps(facts.repo)}, dtype=torch.{facts.dtype})",
+            f"pipe = {pipeline}.from_pretrained({json.dumps(facts.repo)}, dtype=torch.{facts.dtype})",
             'pipe.to("cuda" if torch.cuda.is_available() else "cpu")',
         ]
 
@@ -422,10 +424,10 @@ class Backend:
 
     @classmethod
     def load_for_validation(cls, out: Path, manifest: dict[str, Any], ref_root: Path, *, dtype: Any, device: str) -> Any:
-        """The output as a pipeline on ``device`` (default: ``FluxPipeline.from_pretrained``)."""
-        from diffusers import FluxPipeline
+        """The output as a pipeline on ``device`` (default: the family's ``from_pretrained``)."""
+        from ..manifest import manifest_family
 
-        pipe = FluxPipeline.from_pretrained(out, dtype=dtype)
+        pipe = manifest_family(manifest).pipeline_type().from_pretrained(out, dtype=dtype)
         return pipe if device == "cpu" else pipe.to(device)
 
     @classmethod

@@ -367,9 +367,9 @@ class BitsAndBytesBackend(Backend):
             from .bnb_cpu import load_pipeline_on_cpu
 
             return load_pipeline_on_cpu(out, dtype=dtype)
-        from diffusers import FluxPipeline
+        from ..manifest import manifest_family
 
-        pipe = FluxPipeline.from_pretrained(out, dtype=dtype)
+        pipe = manifest_family(manifest).pipeline_type().from_pretrained(out, dtype=dtype)
         for name in ("text_encoder", "vae"):  # the bnb components are placed on the GPU already
             getattr(pipe, name).to(device)
         return pipe
