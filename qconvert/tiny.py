@@ -2,6 +2,8 @@
 
 * ``tiny-flux``: a complete, runnable FluxPipeline a few MB in size. The README demo source
   and the main test fixture. 2 denoising steps at 32x32 run in well under a second on CPU.
+* ``tiny-flux-schnell``: ``tiny-flux`` shaped like FLUX.1 [schnell] (no guidance embedder:
+  ``guidance_in`` / ``time_text_embed.guidance_embedder`` absent).
 * ``slim-flux``: a *width-3072* Flux transformer (24 heads x 128, 1 double + 1 single block,
   joint_attention_dim 4096) with small text encoders and VAE, ~1.2 GB in bf16. diffusers'
   converter for Black Forest Labs single files hard-codes width 3072, so tests of the BFL
@@ -66,7 +68,7 @@ _SCHEDULER = dict(
     use_dynamic_shifting=True,
 )
 
-BUILTIN_SOURCES = ("tiny-flux", "slim-flux")
+BUILTIN_SOURCES = ("tiny-flux", "tiny-flux-schnell", "slim-flux")
 
 
 def cache_root() -> Path:
@@ -85,7 +87,7 @@ def builtin_path(name: str, cache_dir: Path | None = None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
     try:
-        build_pipeline(tmp, slim=(name == "slim-flux"))
+        build_pipeline(tmp, slim=(name == "slim-flux"), schnell=(name == "tiny-flux-schnell"))
         try:
             os.rename(tmp, target)
         except OSError:
@@ -174,8 +176,9 @@ def _save(model: Any, folder: Path, dtype: Any) -> None:
     model.save_pretrained(folder, safe_serialization=True)
 
 
-def build_pipeline(out: Path, *, slim: bool = False) -> None:
-    """Write a complete FluxPipeline folder with seeded random weights to ``out``."""
+def build_pipeline(out: Path, *, slim: bool = False, schnell: bool = False) -> None:
+    """Write a complete FluxPipeline folder with seeded random weights to ``out``; ``schnell``:
+    FLUX.1 [schnell]'s shape (timestep-distilled: no guidance embedder)."""
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextModel, T5EncoderModel
@@ -183,6 +186,8 @@ def build_pipeline(out: Path, *, slim: bool = False) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = SLIM_TRANSFORMER if slim else TINY_TRANSFORMER
+    if schnell:
+        cfg = {**cfg, "guidance_embeds": False}
     # The tiny pipeline is float32 so that a bare ``FluxPipeline.from_pretrained(out)`` (which
     # loads diffusers models in float32 but transformers models in their saved dtype) runs.
     # The slim one is bf16 like the real FLUX.1-dev checkpoint.

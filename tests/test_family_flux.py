@@ -72,3 +72,64 @@ def test_guess_architecture_names_common_models():
     assert "1.x" in flux.guess_architecture(["model.diffusion_model.input_blocks.0.0.weight"])
     assert "3" in flux.guess_architecture(["joint_blocks.0.x_block.attn.qkv.weight"])
     assert flux.looks_like_bfl_flux(["model.diffusion_model.img_in.weight", "model.diffusion_model.double_blocks.0.x"])
+
+
+# --- the family's declarations and FLUX.1 [schnell] ------------------------------------------
+
+
+def test_family_is_found_from_model_index_and_names_others():
+    from qconvert.errors import NotAFluxModel
+    from qconvert.families import for_pipeline_class, for_single_file
+
+    assert for_pipeline_class("FluxPipeline", "x") is flux.Flux
+    with pytest.raises(NotAFluxModel, match=r"Flux Fill \(inpainting\) pipeline \(FluxFillPipeline\)"):
+        for_pipeline_class("FluxFillPipeline", "x")
+    assert for_single_file(["img_in.weight", "double_blocks.0.img_attn.qkv.weight"]) is flux.Flux
+    assert for_single_file(["encoder.block.0.layer.0.SelfAttention.q.weight"]) is None
+
+
+def test_schnell_builtin_has_no_guidance_embedder():
+    from qconvert.sources import resolve_source
+
+    src = resolve_source("tiny-flux-schnell")
+    comp = src.components["transformer"]
+    assert comp.config["guidance_embeds"] is False and src.family is flux.Flux
+    assert not any("guidance" in name for name in comp.tensors)
+    bfl = flux.diffusers_to_bfl({n: t.shape for n, t in comp.tensors.items()})
+    assert not any(k.startswith("guidance_in") for k in bfl) and "time_in.in_layer.weight" in bfl
+    assert "guidance" not in flux.Flux.forward_inputs(comp.config, device="cpu", dtype=torch.float32)
+
+
+def test_schnell_single_file_converts_and_validates(tmp_path):
+    """A BFL-layout [schnell] transformer (no guidance_in) + --base: converted and validated
+    against the file, as qconvert's BFL map reads it."""
+    from conftest import export_bfl
+    from qconvert.job import Job, run
+    from qconvert.tiny import builtin_path
+
+    base = builtin_path("tiny-flux-schnell")
+    single = export_bfl(base / "transformer", tmp_path / "flux1-schnell-tiny.safetensors")
+    result = run(Job(str(single), "torchao", "int8wo", out=tmp_path / "o", base=str(base)))
+    assert result.report.passed
+    assert result.convert.manifest["source"]["kind"] == "bfl"
+
+
+def test_schnell_card_uses_its_settings(tmp_path):
+    """A schnell-shaped pipeline that is not a built-in: the snippet runs 4 steps without
+    guidance at 256 T5 tokens (the built-in demos keep their tiny settings)."""
+    import shutil
+
+    from qconvert.cards import extract_usage, render_card
+    from qconvert.job import Job, run
+    from qconvert.tiny import builtin_path
+
+    folder = tmp_path / "my-schnell"
+    shutil.copytree(builtin_path("tiny-flux-schnell"), folder)
+    run(Job(str(folder), "torchao", "int8wo", out=tmp_path / "o", validate=False))
+    snippet = extract_usage(render_card(tmp_path / "o", license="apache-2.0").read_text())
+    assert "num_inference_steps=4," in snippet and "guidance_scale=0.0," in snippet
+    assert "max_sequence_length=256," in snippet
+    demo = tmp_path / "demo"
+    run(Job("tiny-flux-schnell", "torchao", "int8wo", out=demo, validate=False))
+    demo_snippet = extract_usage(render_card(demo).read_text())
+    assert "num_inference_steps=2," in demo_snippet and "guidance_scale=0.0," in demo_snippet

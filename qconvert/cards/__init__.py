@@ -188,6 +188,7 @@ def _generate_call(facts: CardFacts, gen: dict[str, Any]) -> list[str]:
         f"    guidance_scale={gen['guidance']},",
         f"    height={gen['size']},",
         f"    width={gen['size']},",
+        *([f"    max_sequence_length={gen['max_sequence_length']},"] if "max_sequence_length" in gen else []),
         "    generator=torch.Generator().manual_seed(0),",
         ").images[0]",
         f'image.save("flux-{facts.scheme}.png")',
