@@ -77,8 +77,7 @@ class JobResult:
     out: Path
     convert: Any  # ConvertResult
     report: Any = None  # ValidationReport, unless validate=False
-    pushed: Any = None  # PushResult, when pushed
-    repo_id: str | None = None
+    pushed: Any = None  # PushResult (its repo_id, commit ...), when pushed
 
 
 def default_out(source: str, backend: str, scheme: str) -> Path:
@@ -203,7 +202,7 @@ def run(job: Job, *, source: Any | None = None, on_event: EventFn = _ignore, che
 
         render_card(converted.out, license=job.license, token=job.token, endpoint=job.endpoint)
     if job.push is not None:
-        result.pushed, result.repo_id = _push(job, converted.out, on_event), job.push.repo_id
+        result.pushed = _push(job, converted.out, on_event)
     return result
 
 

@@ -172,18 +172,23 @@ def configure_cpu_repack(model: Any, mode: str | None = None) -> RepackPlan:
 
     mode = repack_mode(mode)
     wanted = cpu_has_repack_kernel() if mode == "auto" else mode == "on"
-    counts = {"repacked": 0, "dequantize": 0, "reference": 0}
-    for module in model.modules():
-        if not isinstance(module, Linear4bit):
-            continue
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    for module in layers:
         state = module.weight.quant_state
         fits = can_repack(state.shape, state.blocksize)
         module.support_avx512bf16_for_cpu = wanted and fits
         module.__dict__.pop("forward", None)  # a previous call's reference path
         if not fits:
             module.forward = types.MethodType(_reference_forward, module)
-        counts["repacked" if wanted and fits else "dequantize" if fits else "reference"] += 1
-    return RepackPlan(mode, **counts)
+    return RepackPlan(mode, **_count_paths(layers))
+
+
+def _count_paths(layers: list[Any]) -> dict[str, int]:
+    """Layers per CPU path, read from what :func:`configure_cpu_repack` set on each."""
+    counts = {"repacked": 0, "dequantize": 0, "reference": 0}
+    for m in layers:
+        counts["reference" if "forward" in m.__dict__ else "repacked" if m.support_avx512bf16_for_cpu else "dequantize"] += 1
+    return counts
 
 
 def describe_cpu_paths(pipe: Any) -> dict[str, Any]:
@@ -191,13 +196,9 @@ def describe_cpu_paths(pipe: Any) -> dict[str, Any]:
     import torch
     from bitsandbytes.nn import Linear4bit
 
-    counts = {"repacked": 0, "dequantize": 0, "reference": 0}
-    for component in pipe.components.values():
-        for m in component.modules() if isinstance(component, torch.nn.Module) else ():
-            if isinstance(m, Linear4bit):
-                path = "reference" if "forward" in m.__dict__ else "repacked" if m.support_avx512bf16_for_cpu else "dequantize"
-                counts[path] += 1
-    return {"avx512_bf16": cpu_has_repack_kernel(), "layers": counts}
+    layers = [m for c in pipe.components.values() if isinstance(c, torch.nn.Module)
+              for m in c.modules() if isinstance(m, Linear4bit)]  # fmt: skip
+    return {"avx512_bf16": cpu_has_repack_kernel(), "layers": _count_paths(layers)}
 
 
 def load_pipeline_on_cpu(path_or_repo_id: Any, dtype: Any = None, *, repack: str | None = None, **kwargs: Any) -> Any:

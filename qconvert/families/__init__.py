@@ -49,12 +49,12 @@ class Family:
     components: ClassVar[tuple[str, ...]] = ()
     weight_components: ClassVar[tuple[str, ...]] = ()
     quantizable: ClassVar[tuple[str, ...]] = ()
-    text_encoder: ClassVar[str] = "text_encoder_2"  # the component whose output validation compares
+    # the text encoder whose output validation compares, and its tokenizer
+    text_encoder: ClassVar[tuple[str, str]] = ("text_encoder_2", "tokenizer_2")
     pipeline_tag: ClassVar[str] = "text-to-image"
     tags: ClassVar[tuple[str, ...]] = ()
     gguf_arch: ClassVar[dict[str, str]] = {}  # component -> general.architecture
     gguf_file_prefix: ClassVar[dict[str, str]] = {}  # component -> <prefix>-<scheme>.gguf
-    builtin_sources: ClassVar[tuple[str, ...]] = ()  # names of its built-in fixtures (qconvert.tiny)
 
     # --- single files -----------------------------------------------------------------------
 

@@ -267,7 +267,6 @@ class Flux(Family):
     # ComfyUI-GGUF's and llama.cpp's names (see qconvert.convert.gguf)
     gguf_arch: ClassVar[dict[str, str]] = {"transformer": "flux", "text_encoder_2": "t5encoder"}
     gguf_file_prefix: ClassVar[dict[str, str]] = {"transformer": "flux1", "text_encoder_2": "t5xxl"}
-    builtin_sources = ("tiny-flux", "tiny-flux-schnell", "slim-flux")
 
     @classmethod
     def looks_like_single_file(cls, keys: list[str]) -> bool:

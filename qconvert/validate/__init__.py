@@ -499,7 +499,7 @@ def _measure(load: Any, run: _Settings, *, backend: Any = None,
     loaded_env = backend.validation_environment(pipe, run.device) if backend is not None else {}
     inputs = run.family.forward_inputs(tconfig, device=run.device, dtype=run.dtype)
     measured = _Measured(stats, images.cpu(), _forward(pipe.transformer, inputs).cpu(),
-                         _encode_t5(pipe, run.prompts[0], run.device).cpu())  # fmt: skip
+                         _encode_text(pipe, run.family, run.prompts[0], run.device).cpu())  # fmt: skip
     del pipe
     _free(run.device)
     return measured, tconfig, loaded_env
@@ -578,12 +578,14 @@ def _environment(device: str, backend: Any, loaded_env: dict[str, Any]) -> dict[
 _REFERENCE_RUNS: dict[str, _Measured] = {}
 
 
-def _encode_t5(pipe: Any, prompt: str, device: str) -> Any:
+def _encode_text(pipe: Any, family: Any, prompt: str, device: str) -> Any:
+    """The family's compared text encoder's output for ``prompt`` (Flux: T5, 64 tokens)."""
     import torch
 
-    ids = pipe.tokenizer_2(prompt, padding="max_length", max_length=64, truncation=True, return_tensors="pt").input_ids
+    encoder, tokenizer = (getattr(pipe, name) for name in family.text_encoder)
+    ids = tokenizer(prompt, padding="max_length", max_length=64, truncation=True, return_tensors="pt").input_ids
     with torch.no_grad():
-        return pipe.text_encoder_2(ids.to(device))[0].float().cpu()
+        return encoder(ids.to(device))[0].float().cpu()
 
 
 def _free(device: str) -> None:
