@@ -23,6 +23,7 @@ CONDITIONS = {
     "1d": lambda ctx: len(ctx["shape"]) <= 1,
     "small": lambda ctx: ctx["numel"] <= 1024,
     "2d": lambda ctx: len(ctx["shape"]) == 2,
+    "bf16": lambda ctx: ctx.get("dtype") == "BF16",  # the source tensor's safetensors dtype
     # torchao int4wo quantizes in groups of 128 input features and leaves other weights as
     # they are (FLUX.1-dev's x_embedder has 64 inputs)
     "in_features_div_128": lambda ctx: len(ctx["shape"]) == 2 and ctx["shape"][1] % 128 == 0,
@@ -51,12 +52,12 @@ class Policy:
     default: Rule = Rule(r"", KEEP, reason="not a quantizable weight")
 
     def decide(
-        self, name: str, shape: tuple[int, ...], *, is_linear_weight: bool
+        self, name: str, shape: tuple[int, ...], *, is_linear_weight: bool, dtype: str | None = None
     ) -> Rule:
         numel = 1
         for d in shape:
             numel *= d
-        ctx = {"shape": tuple(shape), "numel": numel, "is_linear_weight": is_linear_weight}
+        ctx = {"shape": tuple(shape), "numel": numel, "is_linear_weight": is_linear_weight, "dtype": dtype}
         for rule in self.rules:
             if rule.matches(name, ctx):
                 return rule

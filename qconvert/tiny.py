@@ -4,6 +4,10 @@
   and the main test fixture. 2 denoising steps at 32x32 run in well under a second on CPU.
 * ``tiny-flux-schnell``: ``tiny-flux`` shaped like FLUX.1 [schnell] (no guidance embedder:
   ``guidance_in`` / ``time_text_embed.guidance_embedder`` absent).
+* one per other family, declared by its module (``Family.builtins``): ``tiny-flux-kontext``
+  (FluxKontextPipeline), ``tiny-flux-fill`` (FluxFillPipeline: 12 input channels, the tiny
+  VAE's 4 latent + 4 masked-image + 4 mask), ``tiny-flux-control`` (FluxControlPipeline: 8),
+  ``tiny-chroma`` (ChromaPipeline: ChromaTransformer2DModel and T5 only).
 * ``slim-flux``: a *width-3072* Flux transformer (24 heads x 128, 1 double + 1 single block,
   joint_attention_dim 4096) with small text encoders and VAE, ~1.2 GB in bf16. diffusers'
   converter for Black Forest Labs single files hard-codes width 3072, so tests of the BFL
@@ -68,7 +72,17 @@ _SCHEDULER = dict(
     use_dynamic_shifting=True,
 )
 
-BUILTIN_SOURCES = ("tiny-flux", "tiny-flux-schnell", "slim-flux")
+def _builtins() -> dict[str, tuple[str, dict[str, Any]]]:
+    """Built-in name -> (family, transformer config changes), from the family modules."""
+    from .families import all_families
+
+    table = {name: (fam.name, changes) for fam in all_families() for name, changes in fam.builtins.items()}
+    table["slim-flux"] = ("flux", {"slim": True})
+    return table
+
+
+BUILTINS = _builtins()
+BUILTIN_SOURCES = tuple(BUILTINS)
 
 
 def cache_root() -> Path:
@@ -87,7 +101,8 @@ def builtin_path(name: str, cache_dir: Path | None = None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
     try:
-        build_pipeline(tmp, slim=(name == "slim-flux"), schnell=(name == "tiny-flux-schnell"))
+        family, changes = BUILTINS[name]
+        build_pipeline(tmp, family=family, **changes)
         try:
             os.rename(tmp, target)
         except OSError:
@@ -176,40 +191,64 @@ def _save(model: Any, folder: Path, dtype: Any) -> None:
     model.save_pretrained(folder, safe_serialization=True)
 
 
-def build_pipeline(out: Path, *, slim: bool = False, schnell: bool = False) -> None:
-    """Write a complete FluxPipeline folder with seeded random weights to ``out``; ``schnell``:
-    FLUX.1 [schnell]'s shape (timestep-distilled: no guidance embedder)."""
+def build_pipeline(out: Path, *, family: str = "flux", slim: bool = False, **changes: Any) -> None:
+    """Write a complete pipeline folder of ``family`` with seeded random weights to ``out``:
+    tiny-flux's shapes (``slim``: slim-flux's) with the transformer config ``changes``."""
     import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from transformers import CLIPTextModel, T5EncoderModel
 
+    from .families import family as family_named
+
+    fam = family_named(family)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = SLIM_TRANSFORMER if slim else TINY_TRANSFORMER
-    if schnell:
-        cfg = {**cfg, "guidance_embeds": False}
+    cfg = {**fam.tiny_transformer_config(SLIM_TRANSFORMER if slim else TINY_TRANSFORMER), **changes}
     # The tiny pipeline is float32 so that a bare ``FluxPipeline.from_pretrained(out)`` (which
     # loads diffusers models in float32 but transformers models in their saved dtype) runs.
     # The slim one is bf16 like the real FLUX.1-dev checkpoint.
     dtype = torch.bfloat16 if slim else torch.float32
-
-    clip_tok, clip_vocab = _clip_tokenizer()
-    t5_tok, t5_vocab = _t5_tokenizer()
+    t5_folder, t5_tokenizer = fam.text_encoder
+    clip = "text_encoder" in fam.components and t5_folder != "text_encoder"
     # Each model from its own seed, in this order: the files depend on it.
     torch.manual_seed(SEED)
-    _save(FluxTransformer2DModel(**cfg), out / "transformer", dtype)
-    torch.manual_seed(SEED + 1)
-    _save(CLIPTextModel(_clip_config(cfg, clip_vocab, slim)), out / "text_encoder", dtype)
+    _save(fam.transformer_type()(**cfg), out / "transformer", dtype)
+    if clip:
+        torch.manual_seed(SEED + 1)
+        _save(_clip_model(cfg, slim), out / "text_encoder", dtype)
     torch.manual_seed(SEED + 2)
-    _save(T5EncoderModel(_t5_config(cfg, t5_vocab)), out / "text_encoder_2", dtype)
+    _save(_t5_model(cfg), out / t5_folder, dtype)
     torch.manual_seed(SEED + 3)
-    vae = AutoencoderKL(block_out_channels=(4,), latent_channels=16 if slim else 1, norm_num_groups=1,
-                        use_quant_conv=False, use_post_quant_conv=False, **_VAE_SCALING)  # fmt: skip
-    _save(vae, out / "vae", dtype)
+    _save(_vae(slim), out / "vae", dtype)
+    _save_rest(out, fam, clip=clip)
+
+
+def _clip_model(cfg: dict[str, Any], slim: bool) -> Any:
+    from transformers import CLIPTextModel
+
+    return CLIPTextModel(_clip_config(cfg, _clip_tokenizer()[1], slim))
+
+
+def _t5_model(cfg: dict[str, Any]) -> Any:
+    from transformers import T5EncoderModel
+
+    return T5EncoderModel(_t5_config(cfg, _t5_tokenizer()[1]))
+
+
+def _vae(slim: bool) -> Any:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(4,), latent_channels=16 if slim else 1, norm_num_groups=1,
+                         use_quant_conv=False, use_post_quant_conv=False, **_VAE_SCALING)  # fmt: skip
+
+
+def _save_rest(out: Path, fam: Any, *, clip: bool) -> None:
+    """Scheduler, tokenizers and model_index.json."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
     FlowMatchEulerDiscreteScheduler(**_SCHEDULER).save_pretrained(out / "scheduler")
-    clip_tok.save_pretrained(out / "tokenizer")
-    t5_tok.save_pretrained(out / "tokenizer_2")
-    model_index = _model_index()
+    if clip:
+        _clip_tokenizer()[0].save_pretrained(out / "tokenizer")
+    _t5_tokenizer()[0].save_pretrained(out / fam.text_encoder[1])
+    model_index = _model_index(fam, clip=clip)
     (out / "model_index.json").write_text(json.dumps(model_index, indent=2, sort_keys=True) + "\n")
 
 
@@ -231,17 +270,19 @@ def _t5_config(cfg: dict[str, Any], vocab: int) -> Any:
                     feed_forward_proj="gated-gelu", is_encoder_decoder=False, pad_token_id=0, eos_token_id=1)  # fmt: skip
 
 
-def _model_index() -> dict[str, Any]:
+def _model_index(fam: Any, *, clip: bool) -> dict[str, Any]:
     import diffusers
 
-    return {
-        "_class_name": "FluxPipeline",
+    t5_folder, t5_tokenizer = fam.text_encoder
+    index: dict[str, Any] = {
+        "_class_name": fam.pipeline_class,
         "_diffusers_version": diffusers.__version__,
         "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "text_encoder_2": ["transformers", "T5EncoderModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "tokenizer_2": ["transformers", "T5TokenizerFast"],
-        "transformer": ["diffusers", "FluxTransformer2DModel"],
+        t5_folder: ["transformers", "T5EncoderModel"],
+        t5_tokenizer: ["transformers", "T5TokenizerFast"],
+        "transformer": ["diffusers", fam.transformer_class],
         "vae": ["diffusers", "AutoencoderKL"],
     }
+    if clip:
+        index.update(text_encoder=["transformers", "CLIPTextModel"], tokenizer=["transformers", "CLIPTokenizer"])
+    return index

@@ -82,8 +82,8 @@ def test_family_is_found_from_model_index_and_names_others():
     from qconvert.families import for_pipeline_class, for_single_file
 
     assert for_pipeline_class("FluxPipeline", "x") is flux.Flux
-    with pytest.raises(NotAFluxModel, match=r"Flux Fill \(inpainting\) pipeline \(FluxFillPipeline\)"):
-        for_pipeline_class("FluxFillPipeline", "x")
+    with pytest.raises(NotAFluxModel, match=r"x is a FLUX.2 pipeline \(Flux2Pipeline\), not one qconvert converts"):
+        for_pipeline_class("Flux2Pipeline", "x")
     assert for_single_file(["img_in.weight", "double_blocks.0.img_attn.qkv.weight"]) is flux.Flux
     assert for_single_file(["encoder.block.0.layer.0.SelfAttention.q.weight"]) is None
 

@@ -42,9 +42,9 @@ def rel_err(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def decide(policy, name: str, shape: tuple[int, ...]) -> str:
-    rule = policy.decide(name, shape, is_linear_weight=name.endswith(".weight") and len(shape) == 2)
-    return G.GGUFBackend.target_type(rule, "BF16", shape)
+def decide(policy, name: str, shape: tuple[int, ...], dtype: str = "BF16") -> str:
+    rule = policy.decide(name, shape, is_linear_weight=name.endswith(".weight") and len(shape) == 2, dtype=dtype)
+    return G.GGUFBackend.target_type(rule, dtype, shape)
 
 
 # --- tables ------------------------------------------------------------------------------------
@@ -88,16 +88,17 @@ BFL_MORE = {
 }  # fmt: skip
 
 
+@pytest.mark.parametrize("dtype", ["BF16", "F32", "F16"])
 @pytest.mark.parametrize("scheme", ALL)
-def test_bfl_policy(scheme):
+def test_bfl_policy(scheme, dtype):
     main, more = G.SCHEME_TYPES[scheme]
     policy = G.transformer_policy(scheme, "bfl")
     for name, shape in BFL_KEYS.items():
-        got = decide(policy, name, shape)
+        got = decide(policy, name, shape, dtype)
         if len(shape) == 1:
             want = "F32"
-        elif name in BFL_HIGH:
-            want = "F32"
+        elif name in BFL_HIGH:  # never quantized: BF16 stays BF16 (ComfyUI-GGUF), the others F32
+            want = "BF16" if dtype == "BF16" else "F32"
         elif name in BFL_MORE and more:
             want = more
         else:
@@ -134,7 +135,8 @@ def test_m_mix_steps():
     ],
 )
 def test_diffusers_policy_q4_k_m(name, shape, want):
-    assert decide(G.transformer_policy("Q4_K_M", "diffusers"), name, shape) == want
+    # from an F32 source; a BF16 source keeps the input/output layers in BF16 (test_bfl_policy)
+    assert decide(G.transformer_policy("Q4_K_M", "diffusers"), name, shape, "F32") == want
 
 
 @pytest.mark.parametrize(
@@ -204,19 +206,30 @@ def test_t5_names_match_gguf_py():
 
 
 @pytest.mark.parametrize(
-    "identity, want",
+    "family, identity, want",
     [
-        ({"kind": "builtin", "name": "tiny-flux"}, "tiny-flux"),
-        ({"kind": "hub", "repo_id": "black-forest-labs/FLUX.1-dev"}, "dev"),
-        ({"kind": "hub", "repo_id": "black-forest-labs/FLUX.1-schnell"}, "schnell"),
-        ({"kind": "bfl", "file": "flux1-dev.safetensors"}, "dev"),
-        ({"kind": "bfl", "file": "flux1-krea dev (fp8).safetensors"}, "krea-dev-fp8"),
-        ({"kind": "local", "path": "/data/My_Flux"}, "my_flux"),
-        ({"kind": "local", "path": "/data/flux"}, "flux"),
+        ("flux", {"kind": "builtin", "name": "tiny-flux"}, "flux1-tiny-flux"),
+        ("flux", {"kind": "hub", "repo_id": "black-forest-labs/FLUX.1-dev"}, "flux1-dev"),
+        ("flux", {"kind": "hub", "repo_id": "black-forest-labs/FLUX.1-schnell"}, "flux1-schnell"),
+        ("flux", {"kind": "bfl", "file": "flux1-dev.safetensors"}, "flux1-dev"),
+        ("flux", {"kind": "bfl", "file": "flux1-krea dev (fp8).safetensors"}, "flux1-krea-dev-fp8"),
+        ("flux", {"kind": "local", "path": "/data/My_Flux"}, "flux1-my_flux"),
+        ("flux", {"kind": "local", "path": "/data/flux"}, "flux1-flux"),
+        # the community's names (city96, QuantStack, YarvixPA, silveroxides)
+        ("flux-kontext", {"kind": "hub", "repo_id": "black-forest-labs/FLUX.1-Kontext-dev"}, "flux1-kontext-dev"),
+        ("flux-fill", {"kind": "hub", "repo_id": "black-forest-labs/FLUX.1-Fill-dev"}, "flux1-fill-dev"),
+        ("flux-control", {"kind": "hub", "repo_id": "black-forest-labs/FLUX.1-Depth-dev"}, "flux1-depth-dev"),
+        ("flux-control", {"kind": "hub", "repo_id": "black-forest-labs/FLUX.1-Canny-dev"}, "flux1-canny-dev"),
+        ("chroma", {"kind": "hub", "repo_id": "lodestones/Chroma1-HD"}, "chroma1-hd"),
+        ("chroma", {"kind": "bfl", "file": "chroma-unlocked-v38.safetensors"}, "chroma-unlocked-v38"),
+        ("chroma", {"kind": "builtin", "name": "tiny-chroma"}, "chroma-tiny-chroma"),
     ],
 )
-def test_short_name(identity, want):
-    assert G.short_name(SourceIdentity.from_dict(identity)) == want
+def test_file_stem(family, identity, want):
+    from qconvert.families import family as family_named
+
+    fam = family_named(family)
+    assert fam.gguf_stem("transformer", G.short_name(SourceIdentity.from_dict(identity))) == want
 
 
 def test_bad_schemes_library():
@@ -416,7 +429,8 @@ def test_tiny_bfl_layout_matches_source(source, converted):
         else:
             assert rel_err(arr, want) < 0.01, name
     # high precision / fused names, as ComfyUI-GGUF expects
-    assert got["img_in.weight"][0] == "F32" and got["final_layer.adaLN_modulation.1.weight"][0] == "F32"
+    high = "BF16" if comp.tensors["x_embedder.weight"].dtype == "BF16" else "F32"  # the source's, lossless
+    assert got["img_in.weight"][0] == high and got["final_layer.adaLN_modulation.1.weight"][0] == high
     assert got["double_blocks.0.img_attn.qkv.weight"][0] == "Q8_0"
     assert got["single_blocks.0.linear1.weight"][0] == "Q8_0"
 

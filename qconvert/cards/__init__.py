@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
+from ..families import input_image_code
 from ..identity import SourceIdentity
 from ..manifest import read_manifest
 from .data import (
@@ -151,8 +152,8 @@ def _source_phrase(facts: CardFacts) -> str:
     if facts.base_model:
         return f"[{facts.base_model}]({HUB_URL}/{facts.base_model})"
     if ident.local_path:
-        return f"the Flux pipeline `{ident.label}`"
-    return "a Flux pipeline"
+        return f"the {facts.family.label} pipeline `{ident.label}`"
+    return f"a {facts.family.label} pipeline"
 
 
 def _components(facts: CardFacts) -> list[dict[str, str]]:
@@ -181,17 +182,23 @@ def usage_snippet(facts: CardFacts) -> str:
 
 
 def _generate_call(facts: CardFacts, gen: dict[str, Any]) -> list[str]:
+    fam, size = facts.family, gen["size"]
+    inputs = [line for arg, kind in fam.inputs.items() for line in input_image_code(arg, kind, size)]
+    extras = [f"    {k}={v!r}," for k, v in fam.call_extras(size).items()]
     return [
+        *(["from PIL import Image", *inputs] if inputs else []),
         "image = pipe(",
-        f"    {json.dumps(DEFAULT_PROMPT)},",
+        f"    prompt={json.dumps(DEFAULT_PROMPT)},",
+        *[f"    {arg}={arg}," for arg in fam.inputs],
         f"    num_inference_steps={gen['steps']},",
         f"    guidance_scale={gen['guidance']},",
         f"    height={gen['size']},",
         f"    width={gen['size']},",
         *([f"    max_sequence_length={gen['max_sequence_length']},"] if "max_sequence_length" in gen else []),
+        *extras,
         "    generator=torch.Generator().manual_seed(0),",
         ").images[0]",
-        f'image.save("flux-{facts.scheme}.png")',
+        f'image.save("{fam.name}-{facts.scheme}.png")',
     ]
 
 
@@ -280,7 +287,7 @@ def _validation(facts: CardFacts) -> dict[str, Any] | None:
     stats = []
     for label, key, kind in (
         ("transformer weights in memory", "transformer_bytes", "bytes"),
-        ("T5 weights in memory", "text_encoder_2_bytes", "bytes"),
+        ("T5 weights in memory", "t5_bytes", "bytes"),
         ("memory after load", "memory_after_load", "bytes"),
         ("peak memory while generating", "peak_memory", "bytes"),
         ("time per denoising step", "step_s", "s"),

@@ -305,13 +305,8 @@ def _transformer_config(out: Path) -> dict[str, Any]:
 
 
 def generation_args(facts: CardFacts) -> dict[str, Any]:
-    """Steps/size/guidance/T5 tokens for the usage snippet."""
-    distilled = _transformer_config(facts.out).get("guidance_embeds", True) is False
-    if facts.source.builtin:  # random-weight demo pipelines: tiny images, few steps
-        return {"steps": 2, "size": 32, "guidance": 0.0 if distilled else 3.5}
-    if distilled:  # FLUX.1 [schnell]-style, timestep-distilled: 4 steps, no guidance, 256 T5 tokens
-        return {"steps": 4, "size": 1024, "guidance": 0.0, "max_sequence_length": 256}
-    return {"steps": 28, "size": 1024, "guidance": 3.5}  # FluxPipeline's default: 512 T5 tokens
+    """Steps/size/guidance/T5 tokens for the usage snippet: the family's (schnell's from its config)."""
+    return facts.family.generation_settings(_transformer_config(facts.out), builtin=bool(facts.source.builtin))
 
 
 def component_files(manifest: dict[str, Any], name: str) -> list[str]:

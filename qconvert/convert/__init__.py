@@ -17,7 +17,7 @@ from ..manifest import MANIFEST_NAME, build_manifest
 from ..output import atomic_folder, check_disk_space, check_output, copy_file, copy_license_files, copy_tree, write_json
 from ..plan import ComponentPlan, Plan
 from ..sources import Source, TensorReader
-from . import bnb, gguf, torchao
+from . import bnb, gguf, quanto, torchao
 from .base import PIPELINE_FOLDER, Backend
 from .schedule import Scheduler
 
@@ -30,6 +30,7 @@ BACKENDS: dict[str, type[Backend]] = {
     "torchao": torchao.TorchAOBackend,
     "bnb": bnb.BitsAndBytesBackend,
     "gguf": gguf.GGUFBackend,
+    "quanto": quanto.QuantoBackend,
 }
 
 SCHEMES: dict[str, tuple[str, ...]] = {name: tuple(cls.schemes) for name, cls in BACKENDS.items()}
@@ -56,12 +57,14 @@ def get_backend(name: str, scheme: str, **options: Any) -> Any:
 def parse_components(text: str | None) -> tuple[str, ...]:
     if text is None:
         return flux.QUANTIZABLE
+    from ..families import quantizable_names
+
     names = tuple(dict.fromkeys(c.strip() for c in text.split(",") if c.strip()))
-    bad = [c for c in names if c not in flux.QUANTIZABLE]
+    bad = [c for c in names if c not in quantizable_names()]
     if bad or not names:
         raise UsageError(
             f"cannot quantize component {bad[0]!r}" if bad else f"{opt('components')} is empty",
-            hint=f"{opt('components')} takes a comma list of: {', '.join(flux.QUANTIZABLE)}",
+            hint=f"{opt('components')} takes a comma list of: {', '.join(quantizable_names())}",
         )
     return names
 
@@ -72,13 +75,14 @@ def make_plan(source: Source, backend: Any, components: tuple[str, ...]) -> tupl
 
     comp_plans: list[ComponentPlan] = []
     facts: dict[str, Any] = {}
+    components = source.family.resolve_components(components)
     unknown = [c for c in components if c not in source.family.quantizable]
     if unknown:
         raise UsageError(f"a {source.family.label} pipeline has no component {unknown[0]!r} to quantize",
                          hint=f"{opt('components')} takes: {', '.join(source.family.quantizable)}")  # fmt: skip
     for name in source.family.components:
         comp = source.components[name]
-        if name in components and name in backend.supported_components:
+        if name in components and source.family.role(name) in backend.supported_roles:
             facts[name] = model_facts(comp)
             check_against_config(comp, facts[name])
             comp_plans.append(backend.plan_component(comp, facts[name]))
@@ -143,6 +147,7 @@ def convert(
     backend.check_environment()
     out = Path(out)
     check_output(out.absolute(), overwrite=overwrite)
+    components = source.family.resolve_components(components)
     plan, facts = make_plan(source, backend, components)
     check_disk_space(out.absolute(), plan.bytes_out)
     faults.point("after-plan")

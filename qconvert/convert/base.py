@@ -139,7 +139,9 @@ class Backend:
     version_packages: ClassVar[tuple[str, ...]] = ()  # distributions recorded in "versions"
     warm_up_modules: ClassVar[tuple[str, ...]] = ()  # imported before CPU memory is measured
     container: ClassVar[str] = PIPELINE_FOLDER
-    supported_components: ClassVar[tuple[str, ...]] = ("transformer", "text_encoder_2")
+    # what it quantizes, by role (Family.role): the transformer and the T5 encoder, whatever the
+    # family's folder names (text_encoder_2 in FLUX.1, text_encoder in Chroma)
+    supported_roles: ClassVar[tuple[str, ...]] = ("transformer", "t5")
     hub_library_name: ClassVar[str] = "diffusers"  # the card's ``library_name``
     # "It loads with ..." on the card; {pipeline} and {transformer}: the family's class names
     card_loader: ClassVar[str] = "one `{pipeline}.from_pretrained` call"
@@ -212,7 +214,7 @@ class Backend:
         policy = self.policy(comp.name, facts)
         plans = []
         for key, (t, is_linear) in self.tensor_sources(comp, facts).items():
-            rule = policy.decide(key, t.shape, is_linear_weight=is_linear)
+            rule = policy.decide(key, t.shape, is_linear_weight=is_linear, dtype=t.dtype)
             action, target = self.plan_action(rule, t)
             plans.append(
                 TensorPlan(

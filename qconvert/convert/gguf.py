@@ -23,8 +23,10 @@ over *output* names; :func:`resolve_type` then applies the row-length fallback.
 * 1-D tensors and tensors of at most 1024 elements: F32.
 * ``img_in``, ``txt_in``, ``time_in``, ``vector_in``, ``guidance_in``, ``final_layer``
   (diffusers: ``x_embedder``, ``context_embedder``, ``time_text_embed``, ``proj_out``,
-  ``norm_out``): F32. ComfyUI-GGUF's converter falls back to F32 because BF16 -> F16 is
-  lossy and BF16 -> F32 is exact; these tensors are ~1% of FLUX.1-dev (~120 MB extra vs BF16).
+  ``norm_out``): never quantized; from a BF16 source kept in BF16, as ComfyUI-GGUF's
+  ``tools/convert.py`` writes them (lossless), from an F16/F32 source in F32 (exact). These
+  tensors are ~1% of FLUX.1-dev. (Chroma's approximator, ``distilled_guidance_layer``, is
+  quantized like the blocks, as ComfyUI-GGUF's ``lcpp.patch`` does.)
 * ``_S`` schemes: one type for every other 2-D weight. ``_M``: attention qkv (fused) / v
   (separate) and MLP down projections one step up (Q3_K -> Q4_K, Q4_K -> Q5_K,
   Q5_K -> Q6_K): BFL ``img_attn.qkv``, ``txt_attn.qkv``, ``img_mlp.2``, ``txt_mlp.2`` and
@@ -161,6 +163,9 @@ def transformer_policy(scheme: str, layout: str = "bfl") -> Policy:
     main, more = SCHEME_TYPES[scheme]
     rules = [
         *_small_rules(),
+        # A BF16 source keeps them in BF16, as ComfyUI-GGUF's tools/convert.py does (lossless and
+        # half the bytes); F16 and F32 sources in F32 (F16 -> F32 is exact too).
+        Rule(_HIGH_PRECISION[layout], KEEP, when=("bf16",), reason="input/output layer: the source's BF16"),
         Rule(_HIGH_PRECISION[layout], CAST, HIGH_PRECISION, reason="input/output layer: high precision"),
     ]
     if more:
@@ -242,7 +247,6 @@ def short_name(identity: SourceIdentity) -> str:
     """``<name>`` of the output files, from the source's short name (see the module docstring)."""
     raw = identity.short_name
     name = re.sub(r"[^a-z0-9._-]+", "-", raw.lower()).strip("-.")
-    name = re.sub(r"^flux(?:[._-]?1)?[._-]+(?=[a-z0-9])", "", name)
     return name or "model"
 
 
@@ -442,7 +446,7 @@ class GGUFBackend(Backend):
             g = t5_gguf_name(name)
             if g is None:
                 raise NotAFluxModel(
-                    f"text_encoder_2: tensor {name} is not part of a T5 encoder",
+                    f"{comp.name}: tensor {name} is not part of a T5 encoder",
                     hint="the GGUF backend converts T5EncoderModel text encoders",
                 )
             out[g] = (comp.tensors[name], name in linear)
@@ -465,7 +469,7 @@ class GGUFBackend(Backend):
     family: Any = flux.Flux
 
     def file_name(self, component: str, name: str) -> str:
-        return f"{self.family.gguf_file_prefix[component]}-{name}-{self.scheme}.gguf"
+        return f"{self.family.gguf_stem(component, name)}-{self.scheme}.gguf"
 
     # --- encoding -----------------------------------------------------------------------------
 
@@ -491,7 +495,7 @@ class GGUFBackend(Backend):
         """KV pairs besides general.architecture: key -> (value, gguf value type name)."""
         src = identity.public().to_dict()
         kv: dict[str, Any] = {
-            "general.name": (f"{self.family.gguf_file_prefix[component]}-{name}", "STRING"),
+            "general.name": (self.family.gguf_stem(component, name), "STRING"),
             "general.file_type": (FILE_TYPES[self.scheme], "UINT32"),
             "general.quantization_version": (2, "UINT32"),
             "qconvert.version": (__version__, "STRING"),
@@ -614,14 +618,18 @@ class GGUFBackend(Backend):
             "small tensors and the input/output layers kept in F32). The files hold only the quantized models: the "
             "VAE, the CLIP text encoder, the tokenizers and the configs come from the base pipeline."
         )
-        if ((manifest.get("components") or {}).get("text_encoder_2") or {}).get("files"):
+        from ..manifest import manifest_family
+
+        t5 = manifest_family(manifest).t5()
+        if ((manifest.get("components") or {}).get(t5) or {}).get("files"):
             text += " transformers dequantizes the T5 GGUF when it loads it (a smaller download, not less memory)."
         return text
 
     @classmethod
     def usage_lines(cls, facts: Any) -> list[str]:
         base_imports, base_expr = facts.base_pipeline()
-        flux_files, t5_files = facts.files("transformer"), facts.files("text_encoder_2")
+        t5 = facts.family.t5()
+        flux_files, t5_files = facts.files("transformer"), facts.files(t5)
         if not flux_files:
             raise InputError(f"{facts.out}: qconvert.json lists no transformer .gguf file", hint="convert again")
         pipeline, transformer = facts.family.pipeline_class, facts.family.transformer_class
@@ -649,12 +657,12 @@ class GGUFBackend(Backend):
         parts = "transformer=transformer"
         if t5_files:
             lines += [
-                "text_encoder_2 = T5EncoderModel.from_pretrained(",
+                f"{t5} = T5EncoderModel.from_pretrained(",
                 f"    repo, gguf_file={json.dumps(t5_files[0])},",
-                '    config=T5Config.from_pretrained(base, subfolder="text_encoder_2"), dtype=dtype,',
+                f'    config=T5Config.from_pretrained(base, subfolder="{t5}"), dtype=dtype,',
                 ")",
             ]
-            parts += ", text_encoder_2=text_encoder_2"
+            parts += f", {t5}={t5}"
         lines += [
             f"pipe = {pipeline}.from_pretrained(base, {parts}, dtype=dtype)",
             'pipe.to("cuda" if torch.cuda.is_available() else "cpu")',
@@ -683,7 +691,8 @@ class GGUFBackend(Backend):
         tcfg = json.loads((Path(ref_root) / "transformer" / "config.json").read_text())
         cls.check_loadable(manifest.get("options", {}), tcfg)
         ggufs = sorted(Path(out).glob("*.gguf"))
-        t5_files = [p for p in ggufs if p.name.startswith(fam.gguf_file_prefix["text_encoder_2"] + "-")]
+        t5 = fam.t5()
+        t5_files = [p for p in ggufs if p.name.startswith(fam.gguf_file_prefix[t5] + "-")]
         flux_files = [p for p in ggufs if p not in t5_files]
         if not flux_files:
             raise InputError(f"{out} has no transformer .gguf file", hint="convert again")
@@ -698,9 +707,9 @@ class GGUFBackend(Backend):
         if t5_files:
             from transformers import T5Config, T5EncoderModel
 
-            parts["text_encoder_2"] = T5EncoderModel.from_pretrained(
+            parts[t5] = T5EncoderModel.from_pretrained(
                 str(out), gguf_file=t5_files[0].name,
-                config=T5Config.from_pretrained(ref_root / "text_encoder_2"), dtype=dtype,
+                config=T5Config.from_pretrained(ref_root / t5), dtype=dtype,
             )  # fmt: skip
         pipe = fam.pipeline_type().from_pretrained(ref_root, dtype=dtype, **parts)
         return pipe if device == "cpu" else pipe.to(device)

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from . import Family
+from . import Family, latent_grid_inputs
 
 # Components a FluxPipeline folder holds, in model_index.json order.
 PIPELINE_COMPONENTS = (
@@ -85,6 +85,10 @@ _SINGLE_NORMS = {
     "norm.key_norm.scale": "attn.norm_k.weight",
 }
 _FINAL_ADALN = "final_layer.adaLN_modulation.1"
+# Chroma's modulation approximator (in place of time_in/vector_in/guidance_in and the blocks'
+# modulation layers, which Chroma prunes): distilled_guidance_layer.<diffusers> -> .<bfl>
+_APPROXIMATOR = "distilled_guidance_layer"
+_APPROXIMATOR_LAYER = {"linear_1": "in_layer", "linear_2": "out_layer"}
 
 
 def _block_indices(keys: list[str], prefix: str) -> list[int]:
@@ -122,6 +126,14 @@ def bfl_to_diffusers_layout(diffusers_keys: list[str]) -> dict[str, list[str]]:
             if f"single_transformer_blocks.{i}.{d}" in present:
                 table[f"single_blocks.{i}.{b}"] = [f"single_transformer_blocks.{i}.{d}"]
     add(_FINAL_ADALN, ["norm_out.linear"])
+    for proj in ("in_proj", "out_proj"):
+        add(f"{_APPROXIMATOR}.{proj}", [f"{_APPROXIMATOR}.{proj}"])
+    for i in _block_indices(diffusers_keys, f"{_APPROXIMATOR}.layers"):
+        for d, b in _APPROXIMATOR_LAYER.items():
+            add(f"{_APPROXIMATOR}.layers.{i}.{b}", [f"{_APPROXIMATOR}.layers.{i}.{d}"])
+    for i in _block_indices(diffusers_keys, f"{_APPROXIMATOR}.norms"):
+        if f"{_APPROXIMATOR}.norms.{i}.weight" in present:
+            table[f"{_APPROXIMATOR}.norms.{i}.scale"] = [f"{_APPROXIMATOR}.norms.{i}.weight"]
     return table
 
 
@@ -196,6 +208,15 @@ def _diffusers_names_for(bfl: str) -> list[str]:
             return [f"{d}.{suffix}"]
     if module == _FINAL_ADALN:
         return [f"norm_out.linear.{suffix}"]
+    m = re.match(re.escape(_APPROXIMATOR) + r"\.(?:(in_proj|out_proj)|layers\.(\d+)\.(in_layer|out_layer)|norms\.(\d+))$", module)
+    if m:
+        proj, layer, part, norm = m.groups()
+        if proj:
+            return [bfl]
+        if layer is not None:
+            inverse = {b: d for d, b in _APPROXIMATOR_LAYER.items()}
+            return [f"{_APPROXIMATOR}.layers.{layer}.{inverse[part]}.{suffix}"]
+        return [f"{_APPROXIMATOR}.norms.{norm}.weight"]
     m = re.match(r"double_blocks\.(\d+)\.(.+)$", bfl)
     if m:
         i, rest = m.groups()
@@ -254,6 +275,13 @@ def guess_architecture(keys: list[str]) -> str:
     return "an unrecognized model"
 
 
+def channel_ratio(config: dict[str, Any]) -> int:
+    """1, 2 or 3 (meaning "more than 2"): input over output channels of a FLUX.1 transformer."""
+    inputs = int(config.get("in_channels", 64))
+    outputs = int(config.get("out_channels") or inputs)
+    return 1 if inputs <= outputs else 2 if inputs == 2 * outputs else 3
+
+
 class Flux(Family):
     name = "flux"
     label = "FLUX.1"
@@ -267,32 +295,44 @@ class Flux(Family):
     # ComfyUI-GGUF's and llama.cpp's names (see qconvert.convert.gguf)
     gguf_arch: ClassVar[dict[str, str]] = {"transformer": "flux", "text_encoder_2": "t5encoder"}
     gguf_file_prefix: ClassVar[dict[str, str]] = {"transformer": "flux1", "text_encoder_2": "t5xxl"}
+    # The input channels of a FLUX.1 transformer (x_embedder / img_in) over its output channels,
+    # by family: 1 text-to-image (64/64), 2 with a control image's latents (Depth/Canny,
+    # 128/64), more with the masked image's latents and the mask (Fill, 384/64; 12/4 in the tiny
+    # fixture, whose VAE does not downscale) -- the one shape that tells them apart.
+    input_ratio: ClassVar[int] = 1
+    builtins: ClassVar[dict[str, dict[str, Any]]] = {"tiny-flux": {}, "tiny-flux-schnell": {"guidance_embeds": False}}
 
     @classmethod
     def looks_like_single_file(cls, keys: list[str]) -> bool:
-        return looks_like_bfl_flux(keys)
+        return looks_like_bfl_flux(keys) and not any("distilled_guidance_layer." in k for k in keys[:4000])
+
+    @classmethod
+    def matches_config(cls, config: dict[str, Any]) -> bool:
+        return channel_ratio(config) == cls.input_ratio
+
+    @classmethod
+    def gguf_stem(cls, component: str, name: str) -> str:
+        # city96's naming: a leading flux.1-/flux1-/flux- of the source's name gives way to
+        # flux1-, so FLUX.1-Kontext-dev and flux1-kontext-dev.safetensors both give flux1-kontext-dev
+        return super().gguf_stem(component, re.sub(r"^flux(?:[._-]?1)?[._-]+(?=[a-z0-9])", "", name))
+
+    @classmethod
+    def generation_settings(cls, config: dict[str, Any], *, builtin: bool) -> dict[str, Any]:
+        settings = super().generation_settings(config, builtin=builtin)
+        if config.get("guidance_embeds", True) is False:
+            # FLUX.1 [schnell]-style, timestep-distilled: 4 steps, no guidance, 256 T5 tokens
+            settings.update(guidance=0.0, **({} if builtin else {"steps": 4, "max_sequence_length": 256}))
+        return settings
 
     @classmethod
     def forward_inputs(cls, config: dict[str, Any], *, device: str, dtype: Any, seed: int = 0) -> dict[str, Any]:
         """8x8 latent patches, 16 text tokens, timestep 0.5 (guidance 3.5 where it is embedded)."""
         import torch
 
-        g = torch.Generator().manual_seed(seed)
-        grid = 8
-        img_ids = torch.zeros(grid, grid, 3)
-        img_ids[..., 1] = torch.arange(grid)[:, None]
-        img_ids[..., 2] = torch.arange(grid)[None, :]
-        inputs = {
-            "hidden_states": torch.randn(1, grid * grid, config["in_channels"], generator=g),
-            "encoder_hidden_states": torch.randn(1, 16, config["joint_attention_dim"], generator=g),
-            "pooled_projections": torch.randn(1, config["pooled_projection_dim"], generator=g),
-            "timestep": torch.tensor([0.5]),
-            "img_ids": img_ids.reshape(-1, 3),
-            "txt_ids": torch.zeros(16, 3),
-        }
+        extra: dict[str, Any] = {"pooled_projections": (1, config["pooled_projection_dim"])}
         if config.get("guidance_embeds"):
-            inputs["guidance"] = torch.tensor([3.5])
-        return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
+            extra["guidance"] = torch.tensor([3.5])
+        return latent_grid_inputs(config, device=device, dtype=dtype, seed=seed, **extra)
 
 
 FAMILY = Flux

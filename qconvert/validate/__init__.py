@@ -45,7 +45,7 @@ class RunStats:
     step_s: float = 0.0
     generate_s: float = 0.0
     transformer_bytes: int = 0
-    text_encoder_2_bytes: int = 0
+    t5_bytes: int = 0
 
 
 @dataclass
@@ -128,7 +128,7 @@ class ValidationReport:
             rows.append(f"{label:<22}{qv:>14}{rv:>14}")
 
         row("transformer weights", human_bytes(q.transformer_bytes), human_bytes(r.transformer_bytes) if r else "-")
-        row("T5 weights", human_bytes(q.text_encoder_2_bytes), human_bytes(r.text_encoder_2_bytes) if r else "-")
+        row("T5 weights", human_bytes(q.t5_bytes), human_bytes(r.t5_bytes) if r else "-")
         row("memory after load", human_bytes(q.memory_after_load), human_bytes(r.memory_after_load) if r else "-")
         row("peak memory", human_bytes(q.peak_memory), human_bytes(r.peak_memory) if r else "-")
         row("time per step", f"{q.step_s:.4f} s", f"{r.step_s:.4f} s" if r else "-")
@@ -291,7 +291,7 @@ def _generate(pipe: Any, prompts: list[str], *, steps: int, size: int, seed: int
         meter.sync()
         last[0] = time.perf_counter()
         args = family.validation_args(steps=steps, size=size)
-        out = pipe(prompt, generator=gen, output_type="pt", callback_on_step_end=on_step, **args).images
+        out = pipe(prompt=prompt, generator=gen, output_type="pt", callback_on_step_end=on_step, **args).images
         images.append(out.float().cpu())
     meter.sync()
     total = time.perf_counter() - t0
@@ -325,7 +325,7 @@ def _run(load: Any, prompts: list[str], *, steps: int, size: int, seed: int, dev
     stats = RunStats(load_s=time.perf_counter() - t0)
     stats.memory_after_load = max(0, meter.current() - before) if not device.startswith("cuda") else meter.current()
     stats.transformer_bytes = module_bytes(pipe.transformer)
-    stats.text_encoder_2_bytes = module_bytes(pipe.text_encoder_2)
+    stats.t5_bytes = module_bytes(getattr(pipe, family.t5()))  # the T5 encoder, whatever its folder
     meter.start_peak()
     images, stats.step_s, stats.generate_s = _generate(pipe, prompts, steps=steps, size=size, seed=seed, meter=meter,
                                                        family=family)  # fmt: skip

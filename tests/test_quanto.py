@@ -1,0 +1,177 @@
+"""optimum-quanto backend: streamed tensors equal what diffusers and quanto themselves save;
+the output converts, validates and loads with its card's snippet; plans are exact."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from conftest import REPO_ROOT, assert_one_line_error, invoke, tree_hashes
+from qconvert.convert import convert, get_backend, make_plan
+from qconvert.sources import resolve_source
+
+SCHEMES = ("int8", "int4", "int2", "fp8")
+WEIGHTS_DTYPE = {"int8": "int8", "int4": "int4", "int2": "int2", "fp8": "float8"}  # QuantoConfig's names
+QTYPE = {"int8": "qint8", "int4": "qint4", "int2": "qint2", "fp8": "qfloat8"}
+
+
+@pytest.fixture(scope="module")
+def bf16_src(tiny_path, tmp_path_factory):
+    """tiny-flux with bf16 transformer and T5 (FLUX.1-dev's dtype: scales are in the weights' dtype)."""
+    src = tmp_path_factory.mktemp("quanto") / "tiny-bf16"
+    shutil.copytree(tiny_path, src)
+    for f in ("transformer/diffusion_pytorch_model.safetensors", "text_encoder_2/model.safetensors"):
+        tensors = load_file(str(src / f))
+        save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()}, str(src / f), metadata={"format": "pt"})
+    return src
+
+
+@pytest.fixture(scope="module")
+def outs(bf16_src, tmp_path_factory):
+    root = tmp_path_factory.mktemp("quanto-out")
+    source = resolve_source(str(bf16_src))
+    for scheme in SCHEMES:
+        convert(source, "quanto", scheme, root / scheme, progress=False)
+    return root
+
+
+def _tensors(folder, pattern):
+    out = {}
+    for shard in sorted(folder.glob(pattern)):
+        out.update(load_file(str(shard)))
+    return out
+
+
+def _assert_same_tensors(ours, theirs):
+    assert set(ours) == set(theirs)
+    for k in ours:
+        assert ours[k].dtype == theirs[k].dtype and ours[k].shape == theirs[k].shape, k
+        # bytes, not values: float8 and packed uint8 compared as raw storage
+        assert torch.equal(ours[k].reshape(-1).view(torch.uint8), theirs[k].reshape(-1).view(torch.uint8)), k
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_transformer_equals_diffusers_quantoconfig_save(scheme, outs, bf16_src, tmp_path):
+    from diffusers import FluxTransformer2DModel, QuantoConfig
+
+    ref = FluxTransformer2DModel.from_pretrained(
+        bf16_src / "transformer", quantization_config=QuantoConfig(weights_dtype=WEIGHTS_DTYPE[scheme]),
+        dtype=torch.bfloat16,
+    )
+    ref.save_pretrained(tmp_path / "ref")
+    ours = _tensors(outs / scheme / "transformer", "*.safetensors")
+    _assert_same_tensors(ours, _tensors(tmp_path / "ref", "*.safetensors"))
+    assert any(k.endswith(".weight._scale") for k in ours)
+    cfg = json.loads((outs / scheme / "transformer" / "config.json").read_text())
+    ref_cfg = json.loads((tmp_path / "ref" / "config.json").read_text())
+    assert cfg["quantization_config"] == ref_cfg["quantization_config"]
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_t5_equals_quantos_own_transformers_save(scheme, outs, bf16_src, tmp_path):
+    """transformers cannot save (or load) quanto models: the reference is quanto's
+    QuantizedTransformersModel.save_pretrained, whose layout the T5 is written in."""
+    import optimum.quanto as quanto
+    from optimum.quanto import QuantizedTransformersModel
+    from transformers import T5EncoderModel
+
+    model = T5EncoderModel.from_pretrained(bf16_src / "text_encoder_2", dtype=torch.bfloat16)
+    QuantizedTransformersModel.quantize(model, weights=getattr(quanto, QTYPE[scheme])).save_pretrained(tmp_path / "ref")
+    t5 = outs / scheme / "text_encoder_2"
+    _assert_same_tensors(_tensors(t5, "*.safetensors"), _tensors(tmp_path / "ref", "*.safetensors"))
+    assert json.loads((t5 / "quanto_qmap.json").read_text()) == json.loads((tmp_path / "ref" / "quanto_qmap.json").read_text())
+    assert "quantization_config" not in json.loads((t5 / "config.json").read_text())
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_plan_predicts_the_written_bytes(scheme, outs, bf16_src):
+    plan, _ = make_plan(resolve_source(str(bf16_src)), get_backend("quanto", scheme), ("transformer", "text_encoder_2"))
+    for comp in ("transformer", "text_encoder_2"):
+        written = 0
+        for shard in (outs / scheme / comp).glob("*.safetensors"):
+            with safe_open(str(shard), "pt") as h:
+                written += sum(h.get_tensor(k).numel() * h.get_tensor(k).element_size() for k in h.keys())
+        assert plan.component(comp).bytes_out == written, comp
+
+
+def test_row_chunks_and_jobs_do_not_change_the_bytes(tmp_path, monkeypatch):
+    """int8 in chunks of a few rows (T5's 37-row wi ends in a 1-row chunk) on 3 threads,
+    int4 (whole weights) on 4: the files of one whole-tensor, one-thread conversion."""
+    src = resolve_source("tiny-flux")
+    for scheme in ("int8", "int4"):
+        convert(src, "quanto", scheme, tmp_path / f"{scheme}-whole", progress=False, options={"jobs": 1})
+    monkeypatch.setattr("qconvert.convert.schedule.CHUNK_VALUES", 64)
+    convert(src, "quanto", "int8", tmp_path / "int8-chunked", progress=False, options={"jobs": 3})
+    convert(src, "quanto", "int4", tmp_path / "int4-jobs", progress=False, options={"jobs": 4})
+    assert tree_hashes(tmp_path / "int8-whole") == tree_hashes(tmp_path / "int8-chunked")
+    assert tree_hashes(tmp_path / "int4-whole") == tree_hashes(tmp_path / "int4-jobs")
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_flux_converts_validates_and_the_cards_snippet_generates(scheme, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    proc = invoke("flux", "--source", "tiny-flux", "--backend", "quanto", "--scheme", scheme, "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "validation.json").read_text())
+    assert report["passed"], report
+    assert invoke("card", str(out)).returncode == 0
+    from qconvert.cards import extract_usage
+
+    code = extract_usage((out / "README.md").read_text())
+    assert "requantize(text_encoder_2" in code and "text_encoder_2=text_encoder_2" in code
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "card_snippet.py", "exec"), namespace)  # the card's code, as a user runs it
+    assert (tmp_path / f"flux-{scheme}.png").is_file()
+    pipe = namespace["pipe"]
+    assert type(pipe.transformer.proj_out).__name__ == "QLinear"
+    assert type(pipe.text_encoder_2.encoder.block[0].layer[0].SelfAttention.q.weight).__name__.startswith("Weight")
+
+
+def test_transformer_only_output_loads_with_plain_from_pretrained(tmp_path):
+    from diffusers import FluxPipeline
+
+    from qconvert.cards import card_text, extract_usage
+
+    out = tmp_path / "out"
+    convert(resolve_source("tiny-flux"), "quanto", "fp8", out, components=("transformer",), progress=False)
+    code = extract_usage(card_text(out))
+    assert "requantize" not in code and "FluxPipeline.from_pretrained(" in code
+    pipe = FluxPipeline.from_pretrained(out)
+    assert type(pipe.transformer.proj_out.weight).__name__ == "WeightQBytesTensor"
+    img = pipe("a cat", num_inference_steps=2, height=32, width=32, output_type="pt").images
+    assert torch.isfinite(img).all()
+
+
+def test_missing_library_is_one_line_naming_the_extra(tmp_path):
+    code = (
+        "import sys; sys.modules['optimum'] = None  # optimum-quanto not installed\n"
+        "from qconvert.cli import main\n"
+        f"sys.exit(main(['flux', '--source', 'tiny-flux', '--backend', 'quanto', '--scheme', 'int8', "
+        f"'--out', {str(tmp_path / 'x')!r}]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+    line = assert_one_line_error(proc, contains="pip install 'qconvert[quanto]'")
+    assert "optimum.quanto" in line
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_release_plan_names_the_backend(tmp_path, monkeypatch):
+    from qconvert.release import load_plan, matrix
+
+    plan = tmp_path / "plan.toml"
+    plan.write_text('[release]\nsource = "tiny-flux"\nnamespace = "acme"\n\n'
+                    '[[variant]]\nname = "quanto-int8"\nbackend = "quanto"\nscheme = "int8"\n\n'
+                    '[[variant]]\nname = "quanto-fp8"\nbackend = "quanto"\nscheme = "fp8"\n')  # fmt: skip
+    assert [v["name"] for v in matrix(load_plan(plan))] == ["quanto-int8", "quanto-fp8"]
+    monkeypatch.chdir(tmp_path)
+    proc = invoke("release", str(plan), "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "quanto int8" in proc.stdout and "quanto fp8" in proc.stdout
