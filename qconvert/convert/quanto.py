@@ -139,6 +139,11 @@ class QuantoBackend(Backend):
         qlinear.freeze()
         prefix = plan.name.removesuffix("weight")
         parts = {prefix + k: v.detach() for k, v in qlinear.state_dict().items()}
+        scale = prefix + "weight._scale"
+        if out_features == 1 < plan.shape[0] and parts[scale].dim() == 0:
+            # quanto quantizes a 1-row module per tensor (0-d scale): for the last row of a
+            # chunked weight that is the row's own per-row scale, shaped as the others
+            parts[scale] = parts[scale].reshape(1, 1)
         qlinear._parameters.clear()  # break the module's reference to the quantized tensor now
         return EncodedChunk(parts)
 
