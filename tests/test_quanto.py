@@ -101,17 +101,41 @@ def test_plan_predicts_the_written_bytes(scheme, outs, bf16_src):
         assert plan.component(comp).bytes_out == written, comp
 
 
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("shape", [(64, 256), (48, 160), (37, 32)])
+def test_codec_equals_quantos_frozen_qlinear(scheme, shape, monkeypatch):
+    """Shapes tiny-flux lacks: groups of 128 (bf16 on a CPU: freeze() goes through torch's
+    int4 tinygemm packing and back), of 32, and per row; in chunks of 4 rows (37 rows end in a
+    1-row chunk), against quanto's own QLinear.freeze() state dict."""
+    import optimum.quanto as quanto
+    from optimum.quanto import QLinear
+
+    from qconvert.convert.quanto import QuantoBackend
+    from qconvert.plan import QUANTIZE, TensorPlan
+
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(1)).mul(0.02).to(torch.bfloat16)
+    linear = torch.nn.Linear(shape[1], shape[0], bias=False, dtype=torch.bfloat16)
+    linear.weight = torch.nn.Parameter(w.clone(), requires_grad=False)
+    ref = QLinear.from_module(linear, weights=getattr(quanto, QTYPE[scheme]))
+    ref.freeze()
+    theirs = {f"m.{k}": v for k, v in ref.state_dict().items()}
+    monkeypatch.setattr("qconvert.convert.schedule.CHUNK_VALUES", 5 * shape[1])
+    plan = TensorPlan("m.weight", shape, "BF16", QUANTIZE, scheme, w.numel() * 2, 0)
+    ours = dict(QuantoBackend(scheme).encode("transformer", plan, w))
+    _assert_same_tensors(ours, theirs)
+
+
 def test_row_chunks_and_jobs_do_not_change_the_bytes(tmp_path, monkeypatch):
-    """int8 in chunks of a few rows (T5's 37-row wi ends in a 1-row chunk) on 3 threads,
-    int4 (whole weights) on 4: the files of one whole-tensor, one-thread conversion."""
+    """int8 and int4 in chunks of a few rows (T5's 37-row wi ends in a 1-row chunk; int4 packs
+    the joined values) on 3 and 4 threads: the files of one whole-tensor, one-thread conversion."""
     src = resolve_source("tiny-flux")
     for scheme in ("int8", "int4"):
         convert(src, "quanto", scheme, tmp_path / f"{scheme}-whole", progress=False, options={"jobs": 1})
     monkeypatch.setattr("qconvert.convert.schedule.CHUNK_VALUES", 64)
     convert(src, "quanto", "int8", tmp_path / "int8-chunked", progress=False, options={"jobs": 3})
-    convert(src, "quanto", "int4", tmp_path / "int4-jobs", progress=False, options={"jobs": 4})
+    convert(src, "quanto", "int4", tmp_path / "int4-chunked", progress=False, options={"jobs": 4})
     assert tree_hashes(tmp_path / "int8-whole") == tree_hashes(tmp_path / "int8-chunked")
-    assert tree_hashes(tmp_path / "int4-whole") == tree_hashes(tmp_path / "int4-jobs")
+    assert tree_hashes(tmp_path / "int4-whole") == tree_hashes(tmp_path / "int4-chunked")
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

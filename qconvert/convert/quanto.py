@@ -1,9 +1,10 @@
 """optimum-quanto backend: int8, int4, int2 and float8 weights (quanto's weight qtypes).
 
-Streaming: each Linear weight (or, for the 8-bit qtypes, each row chunk of it) is put in a
-bare ``nn.Linear``, turned into quanto's ``QLinear`` with ``QLinear.from_module`` (what
-quanto's ``quantize`` does to every Linear) and frozen with ``freeze()``; its
-``state_dict()`` is written under the Linear's name. That is what diffusers' and quanto's own
+Streaming: each row chunk of a Linear weight is put in a bare ``nn.Linear`` and turned into
+quanto's ``QLinear`` with ``QLinear.from_module`` (what quanto's ``quantize`` does to every
+Linear); 8-bit chunks are frozen with ``freeze()`` and their ``state_dict()`` is written under
+the Linear's name, 2/4-bit ones go through the same optimizer and ``quantize_affine`` that
+``freeze()`` calls and are packed per weight (below). That is what diffusers' and quanto's own
 ``save_pretrained`` write. Layout per Linear ``<m>`` (every tensor in the weight's dtype
 except the data):
 
@@ -14,8 +15,11 @@ except the data):
   divides), giving ``R = out * in / g`` group rows, ``<m>.weight._scale`` and
   ``<m>.weight._shift`` ``(R, 1)``, and ``<m>.weight._data._data`` uint8 ``(ceil(R / k), g)``
   with ``k = 8 / bits`` values per byte, packed *across* the rows: byte row ``i`` holds group
-  rows ``i, i + ceil(R/k), ...`` in its bit fields. Packing ties distant rows together, so
-  these qtypes are encoded one whole weight at a time (per-row 8-bit ones in row chunks);
+  rows ``i, i + ceil(R/k), ...`` in its bit fields. Groups lie inside a row, so the values,
+  scales and shifts are computed in row chunks; the packing, which ties distant rows
+  together, runs once over the whole weight's uint8 values (1 byte per value) when its
+  chunks are finished. (``freeze()`` on a CPU would also build torch's int4 "tinygemm"
+  packing for bf16 groups of 128 and unpack it again for saving; the values are the same.)
 * ``<m>.input_scale`` and ``<m>.output_scale``: 0-d ones (QLinear's activation buffers).
 
 Biases and every other tensor are written unchanged.
@@ -114,8 +118,10 @@ class QuantoBackend(Backend):
     # --- the codec -------------------------------------------------------------------------
 
     def chunk_rows(self, plan: TensorPlan) -> int | None:
-        # 8-bit: one scale per row, rows independent. 2/4-bit: packing mixes distant rows.
-        if plan.action != QUANTIZE or self.bits != 8:
+        # Scales (8-bit) and scale/shift (2/4-bit: groups lie inside a row) are per row or
+        # group: any rows. The 2/4-bit packing, which mixes distant rows, is done in
+        # finish_tensor over the whole weight's values.
+        if plan.action != QUANTIZE:
             return None
         return rows_per_chunk(plan.shape)
 
@@ -124,37 +130,73 @@ class QuantoBackend(Backend):
 
         return getattr(quanto, _QTYPES[self.scheme][0])
 
-    def encode_chunk(self, component: str, plan: TensorPlan, rows: Any) -> EncodedChunk:
-        """Rows of a Linear weight through ``QLinear.from_module`` + ``freeze``; the parts are
-        the frozen module's state dict under the Linear's name."""
-        if plan.action != QUANTIZE:
-            return super().encode_chunk(component, plan, rows)
+    def _qlinear(self, rows: Any) -> Any:
+        """quanto's QLinear for a bare Linear holding ``rows`` (its group size, optimizer, buffers)."""
         import torch
         from optimum.quanto import QLinear
 
         out_features, in_features = rows.shape
         linear = torch.nn.Linear(in_features, out_features, bias=False, device="meta", dtype=rows.dtype)
         linear.weight = torch.nn.Parameter(rows, requires_grad=False)
-        qlinear = QLinear.from_module(linear, weights=self.qtype())
-        qlinear.freeze()
+        return QLinear.from_module(linear, weights=self.qtype())
+
+    def encode_chunk(self, component: str, plan: TensorPlan, rows: Any) -> EncodedChunk:
+        """Rows of a Linear weight as quanto quantizes them. 8-bit: ``QLinear.freeze()``, the
+        parts are the frozen module's state dict under the Linear's name. 2/4-bit: the
+        unpacked values, scale and shift that ``freeze()`` computes (packed in finish_tensor)."""
+        if plan.action != QUANTIZE:
+            return super().encode_chunk(component, plan, rows)
         prefix = plan.name.removesuffix("weight")
+        qlinear = self._qlinear(rows)
+        if self.bits != 8:
+            return EncodedChunk(self._affine_parts(qlinear, rows, prefix))
+        qlinear.freeze()
         parts = {prefix + k: v.detach() for k, v in qlinear.state_dict().items()}
         scale = prefix + "weight._scale"
-        if out_features == 1 < plan.shape[0] and parts[scale].dim() == 0:
+        if rows.shape[0] == 1 < plan.shape[0] and parts[scale].dim() == 0:
             # quanto quantizes a 1-row module per tensor (0-d scale): for the last row of a
             # chunked weight that is the row's own per-row scale, shaped as the others
             parts[scale] = parts[scale].reshape(1, 1)
         qlinear._parameters.clear()  # break the module's reference to the quantized tensor now
         return EncodedChunk(parts)
 
+    def _affine_parts(self, qlinear: Any, rows: Any, prefix: str) -> dict[str, Any]:
+        """What ``QModuleMixin.qweight`` computes for qint4/qint2 (MaxOptimizer scale and shift
+        per group row, ``quanto::quantize_affine``), before packing. ``optimize(axis=0)``
+        rather than the optimizer's ``__call__``, whose single-row shortcut (per tensor) would
+        give a 1-row chunk other scales than the same row of the whole weight; for two or more
+        rows the two are the same call."""
+        import torch
+        from optimum.quanto.tensor.grouped import group
+
+        g = qlinear.weight_group_size
+        base = group(rows, axis=0, group_size=g) if g else rows
+        scale, shift = qlinear.optimizer.optimize(base, qlinear.weight_qtype, 0)
+        data = torch.ops.quanto.quantize_affine(rows, bits=self.bits, axis=0, group_size=g, scale=scale, shift=shift)
+        return {
+            "values": data,
+            prefix + "weight._scale": scale,
+            prefix + "weight._shift": shift,
+            prefix + "input_scale": qlinear.input_scale,
+            prefix + "output_scale": qlinear.output_scale,
+        }
+
     def finish_tensor(self, component: str, plan: TensorPlan, chunks: list[EncodedChunk]) -> list[tuple[str, Any]]:
-        """Row chunks joined on dim 0; the 0-d activation scales (equal in every chunk) once."""
-        if plan.action != QUANTIZE or len(chunks) == 1:
+        """Row chunks joined on dim 0; the 0-d activation scales (equal in every chunk) once;
+        2/4-bit values packed over the whole weight with quanto's ``PackedTensor.pack``."""
+        if plan.action != QUANTIZE:
             return super().finish_tensor(component, plan, chunks)
         import torch
 
         first = chunks[0].parts
-        return [(n, t if t.dim() == 0 else torch.cat([c.parts[n] for c in chunks])) for n, t in first.items()]
+        joined = {n: t if t.dim() == 0 or len(chunks) == 1 else torch.cat([c.parts[n] for c in chunks])
+                  for n, t in first.items()}  # fmt: skip
+        if self.bits == 8:
+            return list(joined.items())
+        from optimum.quanto.tensor.packed import PackedTensor
+
+        packed = PackedTensor.pack(joined.pop("values"), bits=self.bits)._data
+        return [(plan.name + "._data._data", packed), *joined.items()]
 
     # --- config and the T5's quantization map ---------------------------------------------
 
