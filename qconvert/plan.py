@@ -98,6 +98,8 @@ class Plan:
     components: list[ComponentPlan]
     layout: str = "pipeline"
     scheme_text: str = ""  # the backend's one-line description of the scheme
+    family: str = ""  # the model family (qconvert.families) and how the plan names it
+    family_label: str = ""
 
     @property
     def bytes_in(self) -> int:
@@ -118,6 +120,7 @@ class Plan:
             "backend": self.backend,
             "scheme": self.scheme,
             "layout": self.layout,
+            "family": self.family,
             "source": self.source,
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
@@ -140,6 +143,8 @@ class Plan:
 
     def render(self, *, verbose: bool = False) -> str:
         lines = [f"plan: {self.backend} {self.scheme} ({self.layout} layout)"]
+        if self.family_label:
+            lines.append(f"  model: {self.family_label}")
         if self.scheme_text:
             lines.append(f"  {self.scheme}: {self.scheme_text}")
         lines.append(f"{'component':<16}{'action':<10}{'tensors':>8}{'quant':>7}{'in':>12}{'out':>12}")

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .families import Family, flux, for_pipeline_class, for_single_file
+from .families import Family, all_families, flux, for_pipeline_class, for_single_file
 from .output import sha256_of
 from .errors import (
     CorruptCheckpoint,
@@ -574,7 +574,8 @@ def _bfl_source(
 ) -> Source:
     entries, _ = read_safetensors_header(path)
     keys = list(entries)
-    if for_single_file(keys) is not flux.Flux:
+    kind = for_single_file(keys)
+    if kind is None:
         raise NotAFluxModel(
             f"{path.name} is {flux.guess_architecture(keys)}, not a Black Forest Labs Flux transformer",
             hint=f"pass a Flux transformer .safetensors (e.g. flux1-dev.safetensors) with {opt('base')}, or a Flux pipeline",
@@ -585,6 +586,7 @@ def _bfl_source(
             hint=f"add {opt('base', metavar='<pipeline folder or Hub id>')} to supply the text encoders, VAE and config",
         )
     base_src = resolve_source(base, revision=revision, token=token, endpoint=endpoint, _allow_bfl=False)
+    check_single_file_family(path.name, keys, base_src.family)
     comp = base_src.components["transformer"]
     cfg = comp.config
     inner = int(cfg.get("num_attention_heads", 24)) * int(cfg.get("attention_head_dim", 128))
@@ -617,13 +619,37 @@ def _bfl_source(
     for name, t in tensors.items():
         want = comp.tensors[name].shape
         if t.shape != want:
-            raise NotAFluxModel(f"{path.name}: {name} has shape {t.shape}, base config expects {want}", hint=f"pick a {opt('base')} of the same Flux variant and size")
+            raise NotAFluxModel(f"{path.name}: {name} has shape {t.shape}, base config expects {want}",
+                                hint=_variant_hint(tensors, base_src.family))  # fmt: skip
     new_comp = Component("transformer", None, comp.library, comp.class_name, dict(cfg), tensors, [path])
     components = dict(base_src.components)
     components["transformer"] = new_comp
     assert isinstance(base_src.identity, PipelineIdentity)  # resolved with _allow_bfl=False
     identity = SingleFileSource(path.name, str(path.resolve()), sha256_of(path), base_src.identity)
     return Source(spec, base_src.root, identity, base_src.model_index, components, base_src.family)
+
+
+def _variant_hint(tensors: dict[str, SourceTensor], base_family: type[Family]) -> str:
+    """Name the family a FLUX.1 file's input channels say it is (Fill: 384, Depth/Canny: 128)."""
+    x, out = tensors.get("x_embedder.weight"), tensors.get("proj_out.weight")
+    if x is not None and out is not None:
+        config = {"in_channels": x.shape[1], "out_channels": out.shape[0]}
+        for fam in all_families():
+            if fam is not base_family and fam.kind == base_family.kind and fam.matches_config(config):
+                return f"it is a {fam.label} transformer: pass a {fam.pipeline_class} folder or Hub repo as {opt('base')}"
+    return f"pick a {opt('base')} of the same {base_family.label} variant and size"
+
+
+def check_single_file_family(name: str, keys: list[str], base_family: type[Family]) -> None:
+    """A single file whose kind of keys (FLUX.1 or Chroma) is not its base's: one line naming
+    the base to pass. Files of one kind (dev, Kontext, Fill, Depth/Canny) take the base's family;
+    their shapes are checked against the base's config after."""
+    wanted = for_single_file(keys)
+    if wanted is not None and wanted.kind != base_family.kind:
+        raise NotAFluxModel(
+            f"{name} is a {wanted.label} transformer, but {opt('base')} is a {base_family.label} pipeline",
+            hint=f"pass a {wanted.pipeline_class} folder or Hub repo as {opt('base')}",
+        )
 
 
 def resolve_again(identity: SourceIdentity, *, transformer: str | None = None, token: str | None = None,

@@ -101,6 +101,7 @@ def make_plan(source: Source, backend: Any, components: tuple[str, ...]) -> tupl
     plan = Plan(
         backend.name, backend.scheme, source.identity.to_dict(), comp_plans,
         layout=backend.container, scheme_text=backend.schemes[backend.scheme],
+        family=source.family.name, family_label=f"{source.family.label} ({source.family.pipeline_class})",
     )  # fmt: skip
     return plan, facts
 

@@ -433,6 +433,11 @@ class Backend:
         return pipe if device == "cpu" else pipe.to(device)
 
     @classmethod
+    def validation_dtype(cls, manifest: dict[str, Any], family: Any, source_dtype: Any) -> Any:
+        """The dtype validation loads output and source in (default: the source's)."""
+        return source_dtype
+
+    @classmethod
     def validation_environment(cls, pipe: Any, device: str) -> dict[str, Any]:
         """Facts about the loaded output for ``validation.json``'s environment (default none)."""
         return {}

@@ -362,6 +362,17 @@ class BitsAndBytesBackend(Backend):
     # --- validation --------------------------------------------------------------------------
 
     @classmethod
+    def validation_dtype(cls, manifest: dict[str, Any], family: Any, source_dtype: Any) -> Any:
+        # The image-conditioned pipelines (Kontext, Fill, Control) VAE-encode their input image
+        # in the prompt embeddings' dtype, which is the T5's compute dtype here: a float32 demo
+        # pipeline loaded in float32 would feed a bf16 image to a float32 VAE. Load in the
+        # compute dtype then, as users of a bf16 checkpoint do anyway.
+        import torch
+
+        compute = getattr(torch, parse_compute_dtype((manifest.get("options") or {}).get("compute_dtype")))
+        return compute if family.inputs and source_dtype == torch.float32 else source_dtype
+
+    @classmethod
     def load_for_validation(cls, out: Path, manifest: dict[str, Any], ref_root: Path, *, dtype: Any, device: str) -> Any:
         if device == "cpu":  # diffusers refuses bnb without a GPU: what the card's CPU part does
             from .bnb_cpu import load_pipeline_on_cpu

@@ -56,6 +56,9 @@ class Family:
     # the text encoder whose output validation compares, and its tokenizer
     text_encoder: ClassVar[tuple[str, str]] = ("text_encoder_2", "tokenizer_2")
     pipeline_tag: ClassVar[str] = "text-to-image"
+    # Families whose single files have the same keys share a kind (FLUX.1 dev, Kontext, Fill,
+    # Depth/Canny: "flux1"); the file's shapes and --base's model_index.json tell them apart.
+    kind: ClassVar[str] = ""
     tags: ClassVar[tuple[str, ...]] = ()
     gguf_arch: ClassVar[dict[str, str]] = {}  # component -> general.architecture
     gguf_file_prefix: ClassVar[dict[str, str]] = {}  # component -> <prefix>-<name>-<scheme>.gguf
@@ -230,6 +233,4 @@ def quantizable_names() -> tuple[str, ...]:
     return tuple(dict.fromkeys([n for fam in all_families() for n in fam.quantizable] + ["t5"]))
 
 
-def single_file_kind(keys: list[str]) -> set[str]:
-    """The names of every family whose single files have these keys."""
-    return {fam.name for fam in all_families() if fam.looks_like_single_file(keys)}
+

@@ -29,6 +29,7 @@ class Chroma(Family):
     quantizable = ("transformer", "text_encoder")
     text_encoder = ("text_encoder", "tokenizer")
     tags = ("chroma",)
+    kind = "chroma"
     gguf_arch: ClassVar[dict[str, str]] = {"transformer": "flux", "text_encoder": "t5encoder"}
     gguf_file_prefix: ClassVar[dict[str, str]] = {"transformer": "chroma", "text_encoder": "t5xxl"}
     # lodestones/Chroma1-HD's card: 40 steps, CFG 3.0 (Chroma uses real classifier-free guidance)

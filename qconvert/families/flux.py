@@ -292,6 +292,7 @@ class Flux(Family):
     weight_components = ("transformer", "text_encoder", "text_encoder_2", "vae")
     quantizable = QUANTIZABLE
     tags = ("flux",)
+    kind = "flux1"
     # ComfyUI-GGUF's and llama.cpp's names (see qconvert.convert.gguf)
     gguf_arch: ClassVar[dict[str, str]] = {"transformer": "flux", "text_encoder_2": "t5encoder"}
     gguf_file_prefix: ClassVar[dict[str, str]] = {"transformer": "flux1", "text_encoder_2": "t5xxl"}

@@ -213,8 +213,9 @@ def _transformer_from_source(family: Any, comp: Any, dtype: Any) -> Any:
 
     from ..sources import TensorReader
 
-    with torch.device("meta"):
-        model = family.transformer_type().from_config(comp.config)
+    # Built on the CPU, not the meta device: non-persistent buffers (Chroma's modulation index
+    # table) are not in the file. Only small models come here (width != 3072).
+    model = family.transformer_type().from_config(comp.config).to(dtype)
     with TensorReader() as reader:
         state = {name: reader.load(t).to(dtype) for name, t in comp.tensors.items()}
     model.load_state_dict(state, strict=True, assign=True)
@@ -437,8 +438,9 @@ def validate(
     prompts = list(prompts or DEFAULT_PROMPTS)
     thresholds = load_thresholds(manifest["backend"], manifest["scheme"], file=thresholds_file, overrides=overrides)
     src = reference_source(manifest, reference, token=token, endpoint=endpoint)
-    run = _Settings(dev, source_dtype(src), steps, size, seed, prompts, src.family)
     backend = backend_class(manifest["backend"])
+    dtype = backend.validation_dtype(manifest, src.family, source_dtype(src))
+    run = _Settings(dev, dtype, steps, size, seed, prompts, src.family)
     if not dev.startswith("cuda"):
         _warm_up_cpu_libraries(manifest["backend"])
     quantized, tconfig, loaded_env = _measure(lambda: load_quantized(out, manifest, src.root, dtype=run.dtype, device=dev),
