@@ -185,3 +185,18 @@ def test_single_file_with_the_wrong_base_names_the_right_one(tmp_path):
     line = assert_one_line_error(proc, code=3, contains="is a Chroma transformer, but --base is a FLUX.1 pipeline")
     assert "ChromaPipeline" in line
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("source", ["tiny-flux-kontext", "tiny-chroma"])
+def test_hub_repo_source(source, hub, hub_env, tmp_path):
+    """A family's pipeline on the (local) Hub converts from its repo id, at a recorded commit."""
+    from qconvert.tiny import builtin_path
+
+    repo_id = f"acme/{source}-hub"
+    sha = hub.seed_repo(repo_id, builtin_path(source))
+    result = run(Job(repo_id, "gguf", "Q8_0", out=tmp_path / "out", options={"layout": "diffusers"}, validate=False))
+    manifest = result.convert.manifest
+    assert manifest["family"] == NEW_FAMILIES[source]
+    assert (manifest["source"]["repo_id"], manifest["source"]["revision"]) == (repo_id, sha)
+    stem = family(NEW_FAMILIES[source]).gguf_stem("transformer", f"{source}-hub")
+    assert (tmp_path / "out" / f"{stem}-Q8_0.gguf").is_file()
