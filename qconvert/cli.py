@@ -177,8 +177,9 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
 @cli.command(epilog=FLUX_EXAMPLES + "\n" + scheme_help(), short_help="Convert a Flux pipeline (bnb, torchao or GGUF).")
 @output_options
 @click.option("--source", required=True, help="tiny-flux, a pipeline folder, a Hub repo id, or a BFL .safetensors file.")
-@click.option("--revision", default=None, help="Hub revision (branch, tag or commit) of --source/--base.")
+@click.option("--revision", default=None, help="Hub revision (branch, tag or commit) of --source (of --base for a local single file).")
 @click.option("--base", default=None, help="Pipeline supplying the other components for a single-file --source.")
+@click.option("--file", "source_file", default=None, help="The .safetensors file of a Hub --source repo to convert (also: --source org/name/<file>).")
 @click.option("--backend", required=True, type=click.Choice(BACKEND_NAMES), help="Quantization backend.")
 @click.option("--scheme", required=True, help="Scheme of the backend (see below).")
 @click.option("--out", "out", type=click.Path(path_type=Path), default=None, help="Output folder [out/<source>-<backend>-<scheme>].")
@@ -205,6 +206,7 @@ def flux(
     source: str,
     revision: str | None,
     base: str | None,
+    source_file: str | None,
     backend: str,
     scheme: str,
     out: Path | None,
@@ -243,7 +245,8 @@ def flux(
     options = {"compute_dtype": compute_dtype, "layout": layout, "jobs": jobs, "max_shard_size": max_shard_size}
     target = PushTarget(repo_id, namespace, private, collection) if do_push else None
     job = Job(
-        source, backend, scheme, out=out, revision=revision, base=base, components=parse_components(components),
+        source, backend, scheme, out=out, revision=revision, base=base, source_file=source_file,
+        components=parse_components(components),
         options={k: v for k, v in options.items() if v is not None}, overwrite=overwrite, validate=not no_validate,
         device=device, thresholds_file=thresholds_file, license=license_, push=target, token=hub_token(),
         endpoint=hub_endpoint(), progress=not state.quiet and not as_json,

@@ -217,17 +217,26 @@ class HubSource(PipelineIdentity):
 
 @dataclass(frozen=True)
 class SingleFileSource(SourceIdentity):
-    """A Black Forest Labs transformer file, converted with ``base`` supplying the rest."""
+    """A single-file checkpoint (a BFL or ComfyUI transformer, or an all-in-one file),
+    converted with ``base`` supplying the rest; a local file, or ``file`` of Hub repo ``repo_id``
+    at ``commit``. ``embedded``: the components taken from the file besides the transformer;
+    ``float8``/``scaled``: its weights were stored in float8 (with ComfyUI's per-tensor scales)."""
 
     kind: ClassVar[str] = "bfl"
     file: str
     path: str | None = None
     sha256: str | None = None
     base: PipelineIdentity | None = None  # type: ignore[assignment]
+    repo_id: str | None = None
+    commit: str | None = None
+    requested_revision: str | None = None  # what was asked for, when not that commit
+    embedded: tuple[str, ...] | None = None
+    float8: str | None = None
+    scaled: bool | None = None
 
     @property
     def label(self) -> str:
-        return self.file
+        return f"{self.repo_id}/{self.file}" if self.repo_id else self.file
 
     @property
     def short_name(self) -> str:
@@ -235,10 +244,15 @@ class SingleFileSource(SourceIdentity):
 
     @property
     def hub_repo(self) -> str | None:
+        """The repo the file came from (a finetune's own), else its base's."""
+        if self.repo_id:
+            return self.repo_id
         return self.base.hub_repo if self.base else None
 
     @property
     def revision(self) -> str | None:
+        if self.repo_id:
+            return self.commit
         return self.base.revision if self.base else None
 
     @property
@@ -250,6 +264,9 @@ class SingleFileSource(SourceIdentity):
         return replace(self, path=path, base=self.base.public() if self.base else None)
 
     def reproduce_args(self) -> list[str]:
+        if self.repo_id:
+            args = ["--source", self.repo_id, "--file", self.file] + (["--revision", self.commit] if self.commit else [])
+            return args + (["--base", self.base.spec] if self.base else [])
         args = ["--source", self.file]
         if self.base:
             args += ["--base", self.base.spec] + (["--revision", self.base.revision] if self.base.revision else [])
@@ -258,6 +275,9 @@ class SingleFileSource(SourceIdentity):
     def resolve_args(self, transformer: str | None = None) -> dict[str, Any]:
         if self.base is None:
             return super().resolve_args(transformer)
+        if self.repo_id and transformer is None:
+            spec, revision = self.base._where()
+            return {"spec": self.repo_id, "source_file": self.file, "revision": self.commit, "base": spec, "base_revision": revision}
         return self.base.resolve_args(transformer=transformer or self.path or self.file)
 
 
@@ -291,7 +311,7 @@ def _from_dict(data: Any) -> SourceIdentity:
     names = {f.name for f in fields(cls)} if cls else set()
     if cls is None or not set(data) - {"kind"} <= names:
         return UnknownSource(dict(data) if isinstance(data, dict) else {})
-    kwargs = {k: v for k, v in data.items() if k != "kind"}
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k != "kind"}
     if "base" in kwargs:
         kwargs["base"] = _from_dict(kwargs["base"])
         if not isinstance(kwargs["base"], PipelineIdentity):

@@ -53,6 +53,7 @@ class Job:
     out: Path | None = None  # default: out/<source name>-<backend>-<scheme>
     revision: str | None = None
     base: str | None = None
+    source_file: str | None = None  # the file of a Hub repo to convert (``--file``)
     components: tuple[str, ...] = QUANTIZABLE
     options: dict[str, Any] = field(default_factory=dict)
     overwrite: bool = False
@@ -159,7 +160,8 @@ def resolve(job: Job) -> Any:
     """The job's :class:`~qconvert.sources.Source` (downloads only what conversion reads)."""
     from .sources import resolve_source
 
-    return resolve_source(job.source, revision=job.revision, base=job.base, token=job.token, endpoint=job.endpoint)
+    return resolve_source(job.source, revision=job.revision, base=job.base, source_file=job.source_file,
+                          token=job.token, endpoint=job.endpoint)  # fmt: skip
 
 
 def check_source(job: Job, source: Any) -> None:

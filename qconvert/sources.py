@@ -16,6 +16,7 @@ asks for one tensor, and only the rows a recipe needs are read (``get_slice``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -23,6 +24,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from collections.abc import Iterator
 
 from .families import Family, all_families, flux, for_pipeline_class, for_single_file
 from .output import sha256_of
@@ -46,6 +48,7 @@ DTYPE_SIZES = {
     "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
 }  # fmt: skip
 FLOAT_DTYPES = {"F32", "F16", "BF16"}
+_TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl"}
 _MAX_HEADER = 100 * 1024 * 1024
 
@@ -163,6 +166,7 @@ class TensorReader:
 
     def __init__(self) -> None:
         self._handles: dict[Path, Any] = {}
+        self._scale_keys: dict[Path, dict[str, str]] = {}
 
     def _handle(self, path: Path) -> Any:
         h = self._handles.get(path)
@@ -173,8 +177,32 @@ class TensorReader:
             self._handles[path] = h
         return h
 
+    def _scales(self, path: Path) -> dict[str, str]:
+        """weight key -> its ComfyUI ``scale_weight`` key, for a scaled-fp8 file (else {})."""
+        found = self._scale_keys.get(path)
+        if found is None:
+            keys = list(self._handle(path).keys())
+            marked = any(k.endswith("scaled_fp8") for k in keys)
+            found = {k[: -len(".scale_weight")] + ".weight": k for k in keys if marked and k.endswith(".scale_weight")}
+            self._scale_keys[path] = found
+        return found
+
+    def _decode(self, seg: FileSegment, t: Any, dtype: str) -> Any:
+        """A stored float8 (or ComfyUI-scaled) tensor upcast to the dtype it is presented as
+        (see :func:`qconvert.singlefile.upcast`); anything else as it is stored."""
+        import torch
+
+        from .singlefile import upcast
+
+        scale_key = self._scales(seg.path).get(seg.key)
+        if scale_key is None and t.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+            return t
+        scale = self._handle(seg.path).get_tensor(scale_key) if scale_key else None
+        return upcast(t, scale, getattr(torch, _TORCH_DTYPES[dtype]))
+
     def load(self, tensor: SourceTensor, rows: tuple[int, int] | None = None) -> Any:
-        """Read a tensor, or only its rows ``rows[0]:rows[1]`` (dim 0), from the mmapped files."""
+        """Read a tensor, or only its rows ``rows[0]:rows[1]`` (dim 0), from the mmapped files
+        (float8 weights upcast: the backends never see float8)."""
         import torch
 
         want_lo, want_hi = rows if rows is not None else (0, tensor.shape[0] if tensor.shape else 0)
@@ -189,12 +217,13 @@ class TensorReader:
             n = hi - lo
             a, b = max(want_lo, offset), min(want_hi, offset + n)
             if rows is None and len(tensor.segments) == 1 and seg.start is None and seg.stop is None:
-                parts.append(h.get_tensor(seg.key))
+                parts.append(self._decode(seg, h.get_tensor(seg.key), tensor.dtype))
             elif a < b:
-                parts.append(sl[lo + a - offset : lo + b - offset])
+                parts.append(self._decode(seg, sl[lo + a - offset : lo + b - offset], tensor.dtype))
             offset += n
         if not tensor.shape:  # 0-d tensor
-            return self._handle(tensor.segments[0].path).get_tensor(tensor.segments[0].key)
+            seg = tensor.segments[0]
+            return self._decode(seg, self._handle(seg.path).get_tensor(seg.key), tensor.dtype)
         t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         expect = tensor.shape if rows is None else (want_hi - want_lo, *tensor.shape[1:])
         if tuple(t.shape) != tuple(expect):
@@ -203,6 +232,7 @@ class TensorReader:
 
     def close(self) -> None:
         self._handles.clear()
+        self._scale_keys.clear()
 
     def __enter__(self) -> TensorReader:
         return self
@@ -430,12 +460,11 @@ def _cached_hub_source(repo_id: str, revision: str | None) -> tuple[Path, str]:
     return Path(chosen[0].snapshot_path), chosen[0].commit_hash
 
 
-def download_hub_source(
-    repo_id: str, revision: str | None, *, token: str | None = None, endpoint: str | None = None
-) -> tuple[Path, str]:
-    """Download the pipeline files of a Hub repo; return (folder, resolved commit sha)."""
-    from huggingface_hub import HfApi, snapshot_download
+@contextlib.contextmanager
+def _hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
+    """The Hub's failures as one-line errors that say what to do."""
     from huggingface_hub.errors import (
+        EntryNotFoundError,
         GatedRepoError,
         HfHubHTTPError,
         LocalEntryNotFoundError,
@@ -443,23 +472,8 @@ def download_hub_source(
         RevisionNotFoundError,
     )
 
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:  # HF_HUB_OFFLINE=1: the local Hub cache only, no request at all
-        return _cached_hub_source(repo_id, revision)
-
-    api = HfApi(endpoint=endpoint, token=token)
     try:
-        info = api.model_info(repo_id, revision=revision)
-        sha = info.sha or revision or "main"
-        folder = snapshot_download(
-            repo_id,
-            revision=sha,
-            allow_patterns=HUB_ALLOW_PATTERNS,
-            ignore_patterns=HUB_IGNORE_PATTERNS,
-            token=token,
-            endpoint=endpoint,
-        )
+        yield
     except GatedRepoError:
         raise GatedRepo(
             f"{repo_id} is gated",
@@ -473,9 +487,16 @@ def download_hub_source(
             hint="check the id; for a private repo set HF_TOKEN",
         ) from None
     except LocalEntryNotFoundError:
+        from huggingface_hub import constants
+
+        if constants.HF_HUB_OFFLINE:
+            raise InputError(f"{repo_id} is not in the local Hub cache and HF_HUB_OFFLINE is set",
+                             hint="unset HF_HUB_OFFLINE to download it once") from None  # fmt: skip
         raise InputError(
             f"cannot download {repo_id}: the Hub is not reachable", hint="check the network or HF_ENDPOINT"
         ) from None
+    except EntryNotFoundError:
+        raise SourceNotFound(f"{repo_id} has no such file", hint=f"check {opt('source_file')}") from None
     except HfHubHTTPError as e:
         raise _download_http_error(repo_id, e) from None
     except OSError as e:
@@ -487,7 +508,115 @@ def download_hub_source(
         raise _unreachable(repo_id, e) from None
     except transport_errors() as e:
         raise _unreachable(repo_id, e) from None
+
+
+def download_hub_source(
+    repo_id: str, revision: str | None, *, token: str | None = None, endpoint: str | None = None
+) -> tuple[Path, str]:
+    """Download the pipeline files of a Hub repo; return (folder, resolved commit sha)."""
+    from huggingface_hub import HfApi, constants, snapshot_download
+
+    if constants.HF_HUB_OFFLINE:  # HF_HUB_OFFLINE=1: the local Hub cache only, no request at all
+        return _cached_hub_source(repo_id, revision)
+
+    api = HfApi(endpoint=endpoint, token=token)
+    with _hub_errors(repo_id, revision):
+        info = api.model_info(repo_id, revision=revision)
+        sha = info.sha or revision or "main"
+        folder = snapshot_download(
+            repo_id,
+            revision=sha,
+            allow_patterns=HUB_ALLOW_PATTERNS,
+            ignore_patterns=HUB_IGNORE_PATTERNS,
+            token=token,
+            endpoint=endpoint,
+        )
     return Path(folder), sha
+
+
+# --- single files in Hub repos ---------------------------------------------------------------
+
+
+def hub_repo_files(repo_id: str, revision: str | None, *, token: str | None, endpoint: str | None) -> tuple[str, list[str]]:
+    """(commit, the repo's file paths) at ``revision``; offline, those of the cached snapshot."""
+    from huggingface_hub import HfApi, constants
+
+    if constants.HF_HUB_OFFLINE:
+        try:  # a cached pipeline snapshot, as download_hub_source would take it
+            folder, sha = _cached_hub_source(repo_id, revision)
+        except InputError:
+            folder, sha = _cached_snapshot(repo_id, revision)
+        return sha, sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    with _hub_errors(repo_id, revision):
+        info = HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision)
+    return info.sha or revision or "main", sorted(s.rfilename for s in info.siblings or [])
+
+
+def _cached_snapshot(repo_id: str, revision: str | None) -> tuple[Path, str]:
+    """The cached snapshot of a repo that holds no pipeline (a single file's), by the same rules."""
+    from huggingface_hub import constants, scan_cache_dir
+
+    try:
+        repos = [r for r in scan_cache_dir(constants.HF_HUB_CACHE).repos if r.repo_id == repo_id and r.repo_type == "model"]
+    except Exception:  # noqa: BLE001 - no cache folder at all (CacheNotFound) or an unreadable one
+        repos = []
+    wanted = revision or "main"
+    revisions = [rev for r in repos for rev in r.revisions]
+    chosen = [rev for rev in revisions if rev.commit_hash == wanted or wanted in rev.refs] or (
+        revisions if len(revisions) == 1 and not re.fullmatch(r"[0-9a-f]{40}", wanted) else [])  # fmt: skip
+    if not chosen:
+        raise InputError(f"{repo_id}{f'@{revision}' if revision else ''} is not in the local Hub cache and HF_HUB_OFFLINE is set",
+                         hint="unset HF_HUB_OFFLINE to download it once, or pass a local file")  # fmt: skip
+    return Path(chosen[0].snapshot_path), chosen[0].commit_hash
+
+
+def choose_hub_file(repo_id: str, sha: str, files: list[str], file: str | None, *, token: str | None,
+                    endpoint: str | None) -> str:  # fmt: skip
+    """The single file to convert: ``file``, the repo's only ``.safetensors``, or the only one
+    of several whose header keys are a transformer qconvert knows; else a one-line error."""
+    candidates = [f for f in files if f.endswith(".safetensors")]
+    listed = ", ".join(candidates[:6]) + (", ..." if len(candidates) > 6 else "")
+    pick = f"pick one with {opt('source_file', metavar='<name>')} (or {opt('source')} {repo_id}/<name>)"
+    if file is not None:
+        if file not in files:
+            raise SourceNotFound(f"{repo_id} has no file {file}",
+                                 hint=f"its .safetensors files: {listed}" if candidates else "check the repo's files")  # fmt: skip
+        _check_single_file_name(Path(file), f"{repo_id}/{file}", allow=True)
+        return file
+    if not candidates:
+        pickles = [f for f in files if Path(f).suffix in PICKLE_SUFFIXES]
+        raise NotAFluxModel(f"{repo_id} holds no model_index.json and no .safetensors file"
+                            + (f" (only pickle weights: {pickles[0]})" if pickles else ""),
+                            hint="pass a diffusers pipeline repo, or a repo with a Flux .safetensors file")  # fmt: skip
+    if len(candidates) == 1:
+        return candidates[0]
+    transformers = [f for f in candidates if for_single_file(_hub_header_keys(repo_id, f, sha, token=token, endpoint=endpoint))]
+    if len(transformers) == 1:
+        return transformers[0]
+    raise UsageError(f"{repo_id} holds {len(candidates)} .safetensors files ({listed})"
+                     + (f", {len(transformers)} of them Flux transformers" if transformers else ""), hint=pick)  # fmt: skip
+
+
+def _hub_header_keys(repo_id: str, file: str, sha: str, *, token: str | None, endpoint: str | None) -> list[str]:
+    """A Hub file's tensor names, from its safetensors header alone (HTTP range requests;
+    offline, the cached file's header)."""
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE:
+        cached = try_to_load_from_cache(repo_id, file, revision=sha)
+        return list(read_safetensors_header(Path(cached))[0]) if isinstance(cached, str) else []
+    with _hub_errors(repo_id, sha):
+        meta = HfApi(endpoint=endpoint, token=token).parse_safetensors_file_metadata(repo_id, file, revision=sha)
+    return list(meta.tensors)
+
+
+def download_hub_file(repo_id: str, file: str, sha: str, *, token: str | None, endpoint: str | None) -> Path:
+    """Download one file of a Hub repo at commit ``sha`` (the cached copy when there is one)."""
+    from huggingface_hub import constants, hf_hub_download
+
+    with _hub_errors(repo_id, sha):
+        return Path(hf_hub_download(repo_id, file, revision=sha, token=token, endpoint=endpoint,
+                                    local_files_only=constants.HF_HUB_OFFLINE))  # fmt: skip
 
 
 CACHE_FIX = "point HF_HOME (or HF_HUB_CACHE) at a disk with room that you can write to"
@@ -522,111 +651,188 @@ def resolve_source(
     *,
     revision: str | None = None,
     base: str | None = None,
+    source_file: str | None = None,
+    base_revision: str | None = None,
     token: str | None = None,
     endpoint: str | None = None,
     _allow_bfl: bool = True,
 ) -> Source:
-    """Turn ``--source`` (and ``--base``/``--revision``) into a :class:`Source` (see
-    :func:`resolve_again` for a recorded identity)."""
+    """Turn ``--source`` (and ``--base``/``--revision``/``--file``: ``source_file``) into a :class:`Source` (see
+    :func:`resolve_again` for a recorded identity).
+
+    ``revision`` is the Hub revision of ``spec`` -- of ``base`` for a local single file, whose
+    own has none; ``base_revision`` that of ``base`` for a single file in a Hub repo."""
     from . import tiny
 
     path = Path(spec).expanduser()
-    if not path.exists() and path.suffix.lower() == ".safetensors":
+    hub = None if path.exists() else hub_file_spec(spec, source_file)
+    if source_file and hub is None:
+        raise UsageError(f"{opt('source_file')} picks a file in a Hub repo; {spec} is not a Hub repo id", hint=f"drop {opt('source_file')}")
+    if hub is None and not path.exists() and path.suffix.lower() == ".safetensors":
         raise SourceNotFound(f"{spec} not found", hint="check the path of the .safetensors file")
     is_single_file = path.is_file()
-    if base and not is_single_file:
+    if base and not is_single_file and hub is None:
         raise UsageError(f"{opt('base')} is for a single-file {opt('source')}; {spec} is a whole pipeline", hint=f"drop {opt('base')}")
-    if revision and not (looks_like_repo_id(spec) and not path.exists()) and not (is_single_file and base):
+    if revision and hub is None and not (is_single_file and base):
         raise UsageError(f"{opt('revision')} applies to a Hub repo id; {spec} is not one", hint=f"drop {opt('revision')}")
     if spec in tiny.BUILTIN_SOURCES:
         root = tiny.builtin_path(spec)
         return load_pipeline_folder(root, spec=spec, identity=BuiltinSource(spec, tiny.BUILDER_VERSION))
-
+    hub_args = {"token": token, "endpoint": endpoint}
     if path.exists():
         if path.is_dir():
             identity = LocalSource(str(path.resolve()), _folder_fingerprint(path))
             return load_pipeline_folder(path, spec=spec, identity=identity)
-        if path.suffix.lower() in PICKLE_SUFFIXES:
-            raise InputError(
-                f"{spec} is a pickle checkpoint, which qconvert refuses to load (it can run code)",
-                hint="use the .safetensors release of the model",
-            )
-        if path.suffix.lower() != ".safetensors":
-            raise InputError(f"{spec} is not a .safetensors file or a pipeline folder", hint="pass a FluxPipeline folder, a Hub repo id or a BFL .safetensors file")
-        if not _allow_bfl:
-            raise UsageError(f"{opt('base')} {spec} must be a pipeline, not a single file",
-                             hint=f"pass a FluxPipeline folder or Hub repo id as {opt('base')}")  # fmt: skip
-        return _bfl_source(path, spec=spec, base=base, revision=revision, token=token, endpoint=endpoint)
-
-    if looks_like_repo_id(spec):
-        folder, sha = download_hub_source(spec, revision, token=token, endpoint=endpoint)
-        identity = HubSource(spec, sha, revision if revision and revision != sha else None)
-        return load_pipeline_folder(folder, spec=spec, identity=identity)
-
+        _check_single_file_name(path, spec, allow=_allow_bfl)
+        return _bfl_source(path, spec=spec, base=base, revision=revision, **hub_args)
+    if hub is not None:
+        return _hub_source(spec, *hub, revision=revision, base=base, base_revision=base_revision, allow_file=_allow_bfl, **hub_args)
     raise SourceNotFound(
         f"source {spec!r} not found",
         hint="pass tiny-flux, a pipeline folder, a Hub repo id (org/name) or a BFL .safetensors file",
     )
 
 
+def _check_single_file_name(path: Path, spec: str, *, allow: bool) -> None:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise InputError(
+            f"{spec} is a pickle checkpoint, which qconvert refuses to load (it can run code)",
+            hint="use the .safetensors release of the model",
+        )
+    if path.suffix.lower() != ".safetensors":
+        raise InputError(f"{spec} is not a .safetensors file or a pipeline folder", hint="pass a FluxPipeline folder, a Hub repo id or a BFL .safetensors file")
+    if not allow:
+        raise UsageError(f"{opt('base')} {spec} must be a pipeline, not a single file",
+                         hint=f"pass a FluxPipeline folder or Hub repo id as {opt('base')}")  # fmt: skip
+
+
+def hub_file_spec(spec: str, file: str | None = None) -> tuple[str, str | None] | None:
+    """(repo id, file or None) of ``org/name`` or ``org/name/<path>.safetensors``; None for anything else."""
+    parts = spec.split("/")
+    if len(parts) > 2 and spec.lower().endswith(".safetensors") and looks_like_repo_id("/".join(parts[:2])):
+        if file:
+            raise UsageError(f"{spec} names its file already", hint=f"drop {opt('source_file')}, or pass the repo id alone")
+        return "/".join(parts[:2]), "/".join(parts[2:])
+    return (spec, file) if looks_like_repo_id(spec) else None
+
+
+def _hub_source(spec: str, repo_id: str, file: str | None, *, revision: str | None, base: str | None,
+                base_revision: str | None, allow_file: bool, token: str | None, endpoint: str | None) -> Source:  # fmt: skip
+    """A Hub repo: a pipeline (``model_index.json``, no ``--file``), else one of its single files."""
+    sha, files = hub_repo_files(repo_id, revision, token=token, endpoint=endpoint)
+    if file is None and "model_index.json" in files:
+        if base:
+            raise UsageError(f"{opt('base')} is for a single-file {opt('source')}; {repo_id} is a whole pipeline", hint=f"drop {opt('base')}")
+        folder, sha = download_hub_source(repo_id, revision, token=token, endpoint=endpoint)
+        identity = HubSource(repo_id, sha, revision if revision and revision != sha else None)
+        return load_pipeline_folder(folder, spec=spec, identity=identity)
+    if not allow_file:
+        raise UsageError(f"{opt('base')} {repo_id} holds no model_index.json: it must be a pipeline",
+                         hint=f"pass a diffusers pipeline folder or Hub repo as {opt('base')}")  # fmt: skip
+    name = choose_hub_file(repo_id, sha, files, file, token=token, endpoint=endpoint)
+    if not base:
+        raise UsageError(f"{repo_id}/{name} is a single-file checkpoint",
+                         hint=f"add {opt('base', metavar='<pipeline folder or Hub id>')} to supply the config files, tokenizers and whatever else the file lacks")  # fmt: skip
+    local = download_hub_file(repo_id, name, sha, token=token, endpoint=endpoint)
+    where = HubFile(repo_id, name, sha, revision if revision and revision != sha else None)
+    return _bfl_source(local, spec=spec, base=base, revision=base_revision, token=token, endpoint=endpoint, hub=where)
+
+
+@dataclass(frozen=True)
+class HubFile:
+    """Where a single file came from on the Hub."""
+
+    repo_id: str
+    file: str
+    commit: str
+    requested_revision: str | None = None
+
+
 def _bfl_source(
-    path: Path, *, spec: str, base: str | None, revision: str | None, token: str | None, endpoint: str | None
+    path: Path, *, spec: str, base: str | None, revision: str | None, token: str | None, endpoint: str | None,
+    hub: HubFile | None = None,
 ) -> Source:
+    from . import singlefile
+
+    name = hub.file if hub else path.name
     entries, _ = read_safetensors_header(path)
-    keys = list(entries)
-    kind = for_single_file(keys)
-    if kind is None:
+    layout = singlefile.split_checkpoint({k: (e.dtype, e.shape) for k, e in entries.items()}, name)
+    keys = list(layout.transformer)
+    if for_single_file(keys) is None:
         raise NotAFluxModel(
-            f"{path.name} is {flux.guess_architecture(keys)}, not a Black Forest Labs Flux transformer",
+            f"{name} is {flux.guess_architecture(keys or list(entries))}, not a Black Forest Labs Flux transformer",
             hint=f"pass a Flux transformer .safetensors (e.g. flux1-dev.safetensors) with {opt('base')}, or a Flux pipeline",
         )
     if not base:
         raise UsageError(
-            f"{path.name} holds only the transformer",
-            hint=f"add {opt('base', metavar='<pipeline folder or Hub id>')} to supply the text encoders, VAE and config",
+            f"{name} holds only the transformer" if not layout.embedded else f"{name} is a single-file checkpoint",
+            hint=f"add {opt('base', metavar='<pipeline folder or Hub id>')} to supply the text encoders, VAE and config"
+            if not layout.embedded else f"add {opt('base', metavar='<pipeline folder or Hub id>')} to supply the config files and tokenizers",
         )
     base_src = resolve_source(base, revision=revision, token=token, endpoint=endpoint, _allow_bfl=False)
-    check_single_file_family(path.name, keys, base_src.family)
+    check_single_file_family(name, keys, base_src.family)
+    sha = sha256_of(path)
+    components, root, embedded = base_src.components, base_src.root, ()
+    if layout.embedded:  # all-in-one: the file's own encoders and VAE, the base for the rest
+        from .tiny import cache_root
+
+        plans = singlefile.plan_parts(layout, base_src.family, base_src.components, name)
+        key = singlefile.json_key(sha, base_src.identity.to_dict(), [p.component for p in plans])
+        root = singlefile.derived_pipeline(path, key, base_src.root, plans, cache_root(), layout.scales)
+        components = load_pipeline_folder(root, spec=spec, identity=base_src.identity).components
+        embedded = tuple(p.component for p in plans)
     comp = base_src.components["transformer"]
+    tensors = _single_file_tensors(path, name, layout, entries, comp, base_src.family)
+    new_comp = Component("transformer", None, comp.library, comp.class_name, dict(comp.config), tensors, [path])
+    components = {**components, "transformer": new_comp}
+    assert isinstance(base_src.identity, PipelineIdentity)  # resolved with _allow_bfl=False
+    facts = {"embedded": embedded or None, "float8": layout.float8, "scaled": bool(layout.scales) or None}
+    if hub:
+        identity = SingleFileSource(hub.file, str(path.absolute()), sha, base_src.identity, hub.repo_id, hub.commit,
+                                    hub.requested_revision, **facts)  # fmt: skip
+    else:
+        identity = SingleFileSource(path.name, str(path.resolve()), sha, base_src.identity, **facts)
+    return Source(spec, root, identity, base_src.model_index, components, base_src.family)
+
+
+def _single_file_tensors(path: Path, name: str, layout: Any, entries: dict[str, HeaderEntry], comp: Component,
+                         family: type[Family]) -> dict[str, SourceTensor]:  # fmt: skip
+    """The transformer part of a single file as lazy diffusers-named tensors (float8: presented
+    upcast), checked against the base's transformer config."""
+    from .singlefile import presented_dtype
+
     cfg = comp.config
     inner = int(cfg.get("num_attention_heads", 24)) * int(cfg.get("attention_head_dim", 128))
-    bfl_shapes = {flux.strip_bfl_prefix(k): e.shape for k, e in entries.items()}
-    bfl_keys = {flux.strip_bfl_prefix(k): k for k in entries}
+    bfl_keys = layout.transformer  # BFL name -> key in the file
+    bfl_shapes = {k: entries[key].shape for k, key in bfl_keys.items()}
     try:
         recipes = flux.bfl_to_diffusers(bfl_shapes, inner_dim=inner)
     except (KeyError, ValueError) as e:
-        raise NotAFluxModel(f"{path.name}: {e}") from None
+        raise NotAFluxModel(f"{name}: {e}") from None
     tensors: dict[str, SourceTensor] = {}
-    for name, recipe in recipes.items():
+    for out_name, recipe in recipes.items():
         segs = tuple(FileSegment(path, bfl_keys[s.key], s.start, s.stop) for s in recipe)
         first = entries[bfl_keys[recipe[0].key]]
         rows = 0
         for s in recipe:
             full = bfl_shapes[s.key][0]
-            lo = s.start or 0
-            hi = full if s.stop is None else s.stop
-            rows += hi - lo
-        tensors[name] = SourceTensor(name, (rows, *first.shape[1:]), first.dtype, segs)
+            rows += (full if s.stop is None else s.stop) - (s.start or 0)
+        tensors[out_name] = SourceTensor(out_name, (rows, *first.shape[1:]), presented_dtype(first.dtype), segs)
     expected = set(comp.tensors)
     if expected and set(tensors) != expected:
         missing = sorted(expected - set(tensors))
         extra = sorted(set(tensors) - expected)
         raise NotAFluxModel(
-            f"{path.name} does not match the base transformer config "
+            f"{name} does not match the base transformer config "
             f"(missing {missing[:2]}, unexpected {extra[:2]})",
             hint=f"pick a {opt('base')} with the same Flux variant (dev/schnell)",
         )
-    for name, t in tensors.items():
-        want = comp.tensors[name].shape
+    for out_name, t in tensors.items():
+        want = comp.tensors[out_name].shape
         if t.shape != want:
-            raise NotAFluxModel(f"{path.name}: {name} has shape {t.shape}, base config expects {want}",
-                                hint=_variant_hint(tensors, base_src.family))  # fmt: skip
-    new_comp = Component("transformer", None, comp.library, comp.class_name, dict(cfg), tensors, [path])
-    components = dict(base_src.components)
-    components["transformer"] = new_comp
-    assert isinstance(base_src.identity, PipelineIdentity)  # resolved with _allow_bfl=False
-    identity = SingleFileSource(path.name, str(path.resolve()), sha256_of(path), base_src.identity)
-    return Source(spec, base_src.root, identity, base_src.model_index, components, base_src.family)
+            raise NotAFluxModel(f"{name}: {out_name} has shape {t.shape}, base config expects {want}",
+                                hint=_variant_hint(tensors, family))  # fmt: skip
+    return tensors
 
 
 def _variant_hint(tensors: dict[str, SourceTensor], base_family: type[Family]) -> str:

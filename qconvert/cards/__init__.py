@@ -156,6 +156,16 @@ def _source_phrase(facts: CardFacts) -> str:
     return f"a {facts.family.label} pipeline"
 
 
+def _float8_note(facts: CardFacts) -> str:
+    """One sentence when the source file stored its weights in float8 (read upcast, exactly
+    for unscaled weights: see ``qconvert.singlefile.upcast``)."""
+    data = facts.manifest.get("source") or {}
+    if not data.get("float8"):
+        return ""
+    scaled = " with per-tensor scales (ComfyUI's scaled fp8)" if data.get("scaled") else ""
+    return f" The source was float8 ({data['float8']}){scaled}, read upcast to bfloat16 before quantizing."
+
+
 def _components(facts: CardFacts) -> list[dict[str, str]]:
     rows = []
     for name, c in ordered_components(facts.manifest):
@@ -420,7 +430,7 @@ def card_text(
     intro = (
         f"A **{facts.backend} {facts.scheme}** pre-quantized version of {_source_phrase(facts)}, a {fam.label} "
         f"{fam.pipeline_tag} pipeline, made with qconvert {m.get('qconvert_version', __version__)}. It loads with "
-        f"{loader}.{ratio}"
+        f"{loader}.{ratio}{_float8_note(facts)}"
     )
     grid = "samples/grid.png" if (facts.out / "samples" / "grid.png").is_file() else ""
     out_label = repo_id.split("/")[-1] if repo_id else Path(out).resolve().name

@@ -196,11 +196,13 @@ def load_reference(source: Any, *, dtype: Any, device: str) -> Any:
     if source.identity.base is not None:  # a single transformer file
         comp = source.components["transformer"]
         width = int(comp.config.get("num_attention_heads", 0)) * int(comp.config.get("attention_head_dim", 0))
-        if width == 3072:  # what a diffusers user would load
+        # what a diffusers user would load; diffusers' BFL converter assumes width 3072 and
+        # does not apply ComfyUI's fp8 scales: read those through qconvert's own mapping
+        if width == 3072 and not source.identity.to_dict().get("float8"):
             parts["transformer"] = source.family.transformer_type().from_single_file(
                 source.identity.local_path, config=str(source.root), subfolder="transformer", dtype=dtype
             )
-        else:  # diffusers' BFL converter assumes width 3072: read it through qconvert's own mapping
+        else:
             parts["transformer"] = _transformer_from_source(source.family, comp, dtype)
     pipe = source.family.pipeline_type().from_pretrained(source.root, dtype=dtype, **parts)
     return pipe.to(device)
