@@ -266,3 +266,115 @@ def test_float8_source_validates_and_the_card_says_so(fp8_pair, tmp_path):
     assert result.report.passed
     card = render_card(tmp_path / "o", license="apache-2.0").read_text()
     assert "The source was float8 (e4m3fn) with per-tensor scales (ComfyUI's scaled fp8)" in card
+
+
+# --- single files in Hub repos (the local test Hub) -----------------------------------------
+
+FINETUNE_CARD = """---
+license: other
+license_name: flux-1-dev-non-commercial-license
+license_link: LICENSE.md
+base_model: black-forest-labs/FLUX.1-dev
+---
+# a finetune
+"""
+
+
+def _finetune_repo(hub, tmp_path, repo_id, files: dict[str, Path], card: str = FINETUNE_CARD) -> str:
+    folder = tmp_path / repo_id.replace("/", "--")
+    folder.mkdir()
+    for name, f in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, folder / name)
+    (folder / "README.md").write_text(card)
+    return hub.seed_repo(repo_id, folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_bfl(tmp_path_factory) -> Path:
+    return export_bfl(builtin_path("tiny-flux") / "transformer", tmp_path_factory.mktemp("bfl") / "flux1-tiny-ft.safetensors")
+
+
+def test_hub_repo_with_one_file_converts_with_base(hub, hub_env, tmp_path, tiny_bfl):
+    """No model_index.json: the repo's one .safetensors, downloaded alone (hf_hub_download);
+    the identity records repo, commit and file; the card's base_model is the finetune repo."""
+    from qconvert.cards import render_card
+
+    vae = tmp_path / "ae.txt"
+    vae.write_text("not a weight")
+    sha = _finetune_repo(hub, tmp_path, "acme/ft-one", {"flux1-tiny-ft.safetensors": tiny_bfl, "notes.txt": vae})
+    src = resolve_source("acme/ft-one", base="tiny-flux", token=hub.token, endpoint=hub.endpoint)
+    ident = src.identity.to_dict()
+    assert (ident["repo_id"], ident["commit"], ident["file"], ident["base"]["name"]) == ("acme/ft-one", sha, "flux1-tiny-ft.safetensors", "tiny-flux")
+    assert hub.count_requests("GET", "acme/ft-one/resolve/") == 1  # that file, nothing else
+    assert src.identity.reproduce_args() == ["--source", "acme/ft-one", "--file", "flux1-tiny-ft.safetensors",
+                                             "--revision", sha, "--base", "tiny-flux"]  # fmt: skip
+    from huggingface_hub import constants
+
+    requests = hub.count_requests()
+    with pytest.MonkeyPatch.context() as mp:  # HF_HUB_OFFLINE=1: the cached file, no request
+        mp.setattr(constants, "HF_HUB_OFFLINE", True)
+        assert resolve_source("acme/ft-one", base="tiny-flux", token=hub.token, endpoint=hub.endpoint).identity == src.identity
+    assert hub.count_requests() == requests
+    result = run(Job("acme/ft-one", "torchao", "int8wo", out=tmp_path / "o", base="tiny-flux",
+                     token=hub.token, endpoint=hub.endpoint))  # fmt: skip
+    assert result.report.passed
+    card = render_card(tmp_path / "o", token=hub.token, endpoint=hub.endpoint).read_text()
+    assert "base_model: acme/ft-one" in card
+    assert "license_name: flux-1-dev-non-commercial-license" in card
+    # the relative link points into the repo whose card declared it
+    assert "license_link: https://huggingface.co/acme/ft-one/blob/main/LICENSE.md" in card
+
+
+def test_hub_repo_with_several_files(hub, hub_env, tmp_path, tiny_bfl):
+    """The one Flux transformer among other files is picked by its header (range requests, the
+    others never downloaded); two transformers: a one-line error listing them and naming --file,
+    which (or org/name/<file>) picks one."""
+    ae = tmp_path / "ae.safetensors"
+    save_file({"encoder.conv_in.weight": torch.zeros(4, 3, 3, 3)}, str(ae))
+    _finetune_repo(hub, tmp_path, "acme/ft-pick", {"flux1-tiny-ft.safetensors": tiny_bfl, "ae.safetensors": ae})
+    src = resolve_source("acme/ft-pick", base="tiny-flux", token=hub.token, endpoint=hub.endpoint)
+    assert src.identity.file == "flux1-tiny-ft.safetensors"
+    assert hub.count_requests("GET", "acme/ft-pick/resolve/main/ae.safetensors") <= 1  # its header only
+
+    fp8 = fp8_file(tmp_path, scaled=False)
+    _finetune_repo(hub, tmp_path, "acme/ft-two", {"flux1-tiny-ft.safetensors": tiny_bfl, "fp8/flux1-tiny-fp8.safetensors": fp8})
+    proc = invoke("flux", "--source", "acme/ft-two", "--base", "tiny-flux", "--backend", "torchao", "--scheme", "int8wo",
+                  "--dry-run", env={"HF_ENDPOINT": hub.endpoint, "HF_TOKEN": hub.token})  # fmt: skip
+    line = assert_one_line_error(proc, code=2, contains="acme/ft-two holds 2 .safetensors files")
+    assert "flux1-tiny-ft.safetensors, fp8/flux1-tiny-fp8.safetensors" in line and "--file <name>" in line
+    by_option = resolve_source("acme/ft-two", source_file="fp8/flux1-tiny-fp8.safetensors", base="tiny-flux",
+                               token=hub.token, endpoint=hub.endpoint)  # fmt: skip
+    by_spec = resolve_source("acme/ft-two/fp8/flux1-tiny-fp8.safetensors", base="tiny-flux", token=hub.token, endpoint=hub.endpoint)
+    assert by_option.identity == by_spec.identity and by_spec.identity.float8 == "e4m3fn"
+    with pytest.raises(errors.SourceNotFound, match="acme/ft-two has no file typo.safetensors"):
+        resolve_source("acme/ft-two", source_file="typo.safetensors", base="tiny-flux", token=hub.token, endpoint=hub.endpoint)
+
+
+def test_hub_single_file_needs_a_base_and_a_pipeline_refuses_file(hub, hub_env, tmp_path, tiny_bfl):
+    _finetune_repo(hub, tmp_path, "acme/ft-nobase", {"flux1-tiny-ft.safetensors": tiny_bfl})
+    proc = invoke("flux", "--source", "acme/ft-nobase", "--backend", "torchao", "--scheme", "int8wo", "--dry-run",
+                  env={"HF_ENDPOINT": hub.endpoint, "HF_TOKEN": hub.token})  # fmt: skip
+    assert_one_line_error(proc, code=2, contains="add --base <pipeline folder or Hub id>")
+    assert hub.count_requests("GET", "acme/ft-nobase/resolve/") == 0  # nothing downloaded before the error
+    with pytest.raises(errors.UsageError, match="picks a file in a Hub repo"):
+        resolve_source("tiny-flux", source_file="x.safetensors")
+
+
+def test_finetune_of_a_gated_base_keeps_the_bases_license_fields(hub, hub_env, tmp_path, tiny_bfl):
+    """A finetune card that says `license: other` alone (or nothing): the base's name and link,
+    the link into the base's repo."""
+    from qconvert.cards import render_card
+
+    base = tmp_path / "base"
+    shutil.copytree(builtin_path("tiny-flux"), base)
+    (base / "README.md").write_text(FINETUNE_CARD.replace("base_model: black-forest-labs/FLUX.1-dev\n", ""))
+    hub.seed_repo("acme/gated-base", base)
+    for repo, card in (("acme/ft-other", "---\nlicense: other\n---\n"), ("acme/ft-none", "# no metadata\n")):
+        _finetune_repo(hub, tmp_path, repo, {"flux1-tiny-ft.safetensors": tiny_bfl}, card=card)
+        run(Job(repo, "torchao", "int8wo", out=tmp_path / repo, base="acme/gated-base", validate=False,
+                token=hub.token, endpoint=hub.endpoint))  # fmt: skip
+        text = render_card(tmp_path / repo, token=hub.token, endpoint=hub.endpoint).read_text()
+        assert f"base_model: {repo}" in text, repo
+        assert "license: other" in text and "license_name: flux-1-dev-non-commercial-license" in text, repo
+        assert "license_link: https://huggingface.co/acme/gated-base/blob/main/LICENSE.md" in text, repo

@@ -4,13 +4,15 @@ Everything here is deterministic: the same output folder (``qconvert.json``,
 ``validation.json``, files) gives the same facts, so the rendered card is byte-identical.
 
 * Base model: ``--base-model``, else the ``base_model`` of an earlier qconvert card in the
-  folder, else the Hub repo the output was converted from (a Hub source, the ``--base`` of
-  a BFL single-file source, or a local folder inside a Hub cache
+  folder, else the Hub repo the output was converted from (a Hub source, the repo of a
+  single file downloaded from one -- a finetune's own --, the ``--base`` of a local single file, or a local folder inside a Hub cache
   ``models--org--name/snapshots/<sha>``). Built-in demo pipelines have none.
 * License: ``--license`` (with ``--license-name``/``--license-link``), else an earlier
   qconvert card in the folder (so ``qconvert push`` re-renders with what ``qconvert card``
   was told), else the base model's own card (``README.md`` front matter of the source
-  folder, or of the Hub repo through the local cache). The built-in demos are random
+  folder, or of the Hub repo through the local cache). A single file from a Hub repo (a
+  finetune) takes its own repo's card first, with the ``--base``'s ``license_name``/``link``
+  where it says the same license without them, and the ``--base``'s when it declares none. The built-in demos are random
   weights made by qconvert and are Apache-2.0. Nothing found: :class:`InputError`.
 """
 
@@ -41,6 +43,7 @@ class LicenseInfo:
     license: str
     name: str | None = None
     link: str | None = None
+    origin: str | None = None  # the Hub repo whose card declared it (a relative link points there)
 
 
 @dataclass
@@ -172,6 +175,29 @@ def _base_card(identity: SourceIdentity, *, token: str | None, endpoint: str | N
     return None
 
 
+def _own_card(identity: SourceIdentity, *, token: str | None, endpoint: str | None) -> dict[str, Any] | None:
+    """Front matter of the card of the Hub repo a single file came from (a finetune's own repo),
+    when that is not its base pipeline's; else None."""
+    repo = identity.hub_repo
+    if not repo or repo == identity.pipeline.hub_repo:
+        return None
+    path = _hub_readme(repo, identity.revision, token=token, endpoint=endpoint)
+    return front_matter(path) if path else None
+
+
+def _finetune_license(identity: SourceIdentity, *, token: str | None, endpoint: str | None) -> LicenseInfo | None:
+    """A finetune's license: its own repo's card, with the base's name and link where it says
+    ``other`` and leaves them out (a finetune of a gated base stays under the base's license);
+    none declared there: the base's."""
+    own = _license_from(_own_card(identity, token=token, endpoint=endpoint), origin=identity.hub_repo)
+    base = _license_from(_base_card(identity, token=token, endpoint=endpoint), origin=identity.pipeline.hub_repo)
+    if own is None or base is None:
+        return own or base
+    if own.license == base.license and not own.name and not own.link:
+        return base
+    return own
+
+
 def _hub_readme(repo_id: str, revision: str | None, *, token: str | None, endpoint: str | None) -> Path | None:
     """The base repo's README.md: from the local cache (snapshot_download put it there), else the Hub."""
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
@@ -188,7 +214,7 @@ def _hub_readme(repo_id: str, revision: str | None, *, token: str | None, endpoi
         return None
 
 
-def _license_from(meta: dict[str, Any] | None) -> LicenseInfo | None:
+def _license_from(meta: dict[str, Any] | None, origin: str | None = None) -> LicenseInfo | None:
     if not meta:
         return None
     lic = meta.get("license")
@@ -202,6 +228,7 @@ def _license_from(meta: dict[str, Any] | None) -> LicenseInfo | None:
         lic.strip(),
         name if isinstance(name, str) and name else None,
         link if isinstance(link, str) and link else None,
+        origin,
     )
 
 
@@ -232,7 +259,7 @@ def resolve_license(
         if info is None and identity.builtin:
             info = LicenseInfo(BUILTIN_LICENSE, None, None)
         if info is None:
-            info = _license_from(_base_card(identity, token=token, endpoint=endpoint))
+            info = _finetune_license(identity, token=token, endpoint=endpoint)
         if info is None and base_model and base_model != identity.hub_repo:
             path = _hub_readme(base_model, None, token=token, endpoint=endpoint)
             info = _license_from(front_matter(path) if path else None)
@@ -245,7 +272,8 @@ def resolve_license(
             )
     # A relative license_link points into the base repo; keep it only if the file came along.
     if info.link and "://" not in info.link and not (Path(out) / info.link).is_file():
-        info.link = f"{HUB_URL}/{base_model}/blob/main/{info.link}" if base_model else None
+        repo = info.origin or base_model
+        info.link = f"{HUB_URL}/{repo}/blob/main/{info.link}" if repo else None
     return info
 
 
