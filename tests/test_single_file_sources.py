@@ -378,3 +378,22 @@ def test_finetune_of_a_gated_base_keeps_the_bases_license_fields(hub, hub_env, t
         assert f"base_model: {repo}" in text, repo
         assert "license: other" in text and "license_name: flux-1-dev-non-commercial-license" in text, repo
         assert "license_link: https://huggingface.co/acme/gated-base/blob/main/LICENSE.md" in text, repo
+
+
+def test_chroma_all_in_one_with_base_prefixes(tmp_path):
+    """Chroma keeps ComfyUI BASE's prefixes (cond_stage_model., first_stage_model.) and has no
+    CLIP: its T5 and VAE come from the file through the same code."""
+    import json
+
+    base = builtin_path("tiny-chroma")
+    sd = {UNET + k: v for k, v in _state_of(export_bfl(base / "transformer", tmp_path / "c.safetensors")).items()}
+    t5 = {k: v * 0.5 for k, v in _state(base / "text_encoder").items()}
+    sd.update({"cond_stage_model.t5xxl.transformer." + k: v for k, v in t5.items()})
+    cfg = json.loads((base / "vae" / "config.json").read_text())
+    sd.update({"first_stage_model." + k: v for k, v in ldm_vae(_state(base / "vae"), cfg).items()})
+    save_file(sd, str(tmp_path / "chroma-aio.safetensors"))
+    src = resolve_source(str(tmp_path / "chroma-aio.safetensors"), base=str(base))
+    assert src.family.name == "chroma" and src.identity.embedded == ("text_encoder", "vae")
+    with TensorReader() as r:
+        got = {k: r.load(t) for k, t in src.components["text_encoder"].tensors.items()}
+    assert set(got) == set(t5) and all(torch.equal(got[k], t5[k]) for k in t5)
