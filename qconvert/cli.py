@@ -185,7 +185,7 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
 @click.option("--out", "out", type=click.Path(path_type=Path), default=None, help="Output folder [out/<source>-<backend>-<scheme>].")
 @click.option("--components", default=None, help="Comma list to quantize [transformer,text_encoder_2].")
 @click.option("--compute-dtype", default=None, help="bnb: compute dtype in the config, and the dtype a float32 source is written in [bfloat16].")
-@click.option("--layout", type=click.Choice(["bfl", "diffusers"]), default=None, help="gguf: tensor names [bfl].")
+@click.option("--layout", type=click.Choice(["bfl", "diffusers", "comfyui"]), default=None, help="gguf: tensor names, bfl or diffusers [bfl]; fp8: diffusers (layerwise casting), bfl (fp8r) or comfyui [diffusers].")
 @click.option("--jobs", type=int, default=None, help="Tensors quantized in parallel [all cores]; never changes the output.")
 @click.option("--max-shard-size", default=None, help="Largest safetensors shard, e.g. 5GB [diffusers: 10GB].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")

@@ -375,10 +375,10 @@ def _keeps_siblings(manifest: dict[str, Any]) -> bool:
     """Whether a push keeps the repo's other files: a repo of files only (GGUF) commonly holds
     many quantizations side by side (one file per scheme); a pipeline folder repo mirrors the
     output exactly. The backend's ``container`` declaration says which."""
-    from .convert import backend_class
+    from .convert import container_of
     from .convert.base import PIPELINE_FOLDER
 
-    return backend_class(str(manifest["backend"])).container != PIPELINE_FOLDER
+    return container_of(manifest) != PIPELINE_FOLDER
 
 
 def default_commit_message(manifest: dict[str, Any]) -> str:

@@ -86,9 +86,10 @@ class CardFacts:
     @property
     def files_only(self) -> bool:
         """The output holds only the converted models' files; the rest comes from the base."""
+        from ..convert import container_of
         from ..convert.base import PIPELINE_FOLDER
 
-        return self.backend_class.container != PIPELINE_FOLDER
+        return container_of(self.manifest) != PIPELINE_FOLDER
 
     @property
     def repo(self) -> str:
@@ -307,7 +308,7 @@ def install_line(manifest: dict[str, Any], *, builtin_base: bool) -> str:
     from ..convert import backend_class
 
     backend = backend_class(str(manifest.get("backend")))
-    if backend.pip_package:
+    if backend.pip_package and backend.pip_package not in ("diffusers", "transformers"):  # listed already
         v = versions.get(backend.pip_package)
         op = "==" if backend.pin_version else ">="
         pkgs.append(f'"{backend.pip_package}{op}{v}"' if v else backend.pip_package)

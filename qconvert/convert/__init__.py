@@ -17,7 +17,7 @@ from ..manifest import MANIFEST_NAME, build_manifest
 from ..output import atomic_folder, check_disk_space, check_output, copy_file, copy_license_files, copy_tree, write_json
 from ..plan import ComponentPlan, Plan
 from ..sources import Source, TensorReader
-from . import bnb, gguf, quanto, torchao
+from . import bnb, fp8, gguf, quanto, torchao
 from .base import PIPELINE_FOLDER, Backend
 from .schedule import Scheduler
 
@@ -31,6 +31,7 @@ BACKENDS: dict[str, type[Backend]] = {
     "bnb": bnb.BitsAndBytesBackend,
     "gguf": gguf.GGUFBackend,
     "quanto": quanto.QuantoBackend,
+    "fp8": fp8.FP8Backend,
 }
 
 SCHEMES: dict[str, tuple[str, ...]] = {name: tuple(cls.schemes) for name, cls in BACKENDS.items()}
@@ -48,6 +49,12 @@ def backend_class(name: str) -> type[Backend]:
     if name not in BACKENDS:
         raise UsageError(f"unknown backend {name!r}", hint=f"choose one of: {', '.join(BACKENDS)}")
     return BACKENDS[name]
+
+
+def container_of(manifest: dict[str, Any]) -> str:
+    """What an output is (``Backend.container``): the manifest's recorded ``layout`` (a backend's
+    container may depend on its options: fp8's layouts), else its backend's declaration."""
+    return str(manifest.get("layout") or backend_class(str(manifest["backend"])).container)
 
 
 def get_backend(name: str, scheme: str, **options: Any) -> Any:

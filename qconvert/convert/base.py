@@ -112,7 +112,8 @@ def default_jobs() -> int:
 # What a backend writes (``Backend.container``; recorded as the manifest's ``layout``).
 PIPELINE_FOLDER = "pipeline"  # a diffusers pipeline folder: safetensors shards + configs, the rest copied
 GGUF_FILES = "gguf"  # .gguf files of the converted models only; the rest comes from the base pipeline
-CONTAINERS = (PIPELINE_FOLDER, GGUF_FILES)
+SINGLE_FILES = "files"  # single .safetensors files of the converted models only (fp8's bfl/comfyui layouts)
+CONTAINERS = (PIPELINE_FOLDER, GGUF_FILES, SINGLE_FILES)
 
 
 class Backend:
@@ -138,6 +139,8 @@ class Backend:
     pin_version: ClassVar[bool] = False  # the card pins ==version (checkpoints tied to the version)
     version_packages: ClassVar[tuple[str, ...]] = ()  # distributions recorded in "versions"
     warm_up_modules: ClassVar[tuple[str, ...]] = ()  # imported before CPU memory is measured
+    # what it writes; a backend whose container depends on an option sets it per instance too (the
+    # manifest records the instance's as "layout", which cards and push read)
     container: ClassVar[str] = PIPELINE_FOLDER
     # what it quantizes, by role (Family.role): the transformer and the T5 encoder, whatever the
     # family's folder names (text_encoder_2 in FLUX.1, text_encoder in Chroma)
