@@ -51,6 +51,10 @@ class Chroma(Family):
     @classmethod
     def tiny_transformer_config(cls, base: dict[str, Any]) -> dict[str, Any]:
         cfg = {k: v for k, v in base.items() if k not in ("guidance_embeds", "pooled_projection_dim")}
+        if int(cfg["num_attention_heads"]) * int(cfg["attention_head_dim"]) == 3072:
+            # the width-3072 fixture (what ComfyUI and diffusers' BFL converter load): the real
+            # approximator, whose shape ComfyUI hard-codes (64 in, 5120 wide, 5 layers; ~0.27B)
+            return {**cfg, "approximator_num_channels": 64, "approximator_hidden_dim": 5120, "approximator_layers": 5}
         return {**cfg, "approximator_num_channels": 16, "approximator_hidden_dim": 32, "approximator_layers": 1}
 
     @classmethod
