@@ -210,6 +210,13 @@ VARIANTS = [
     ("gguf", "Q4_K_S"),
     ("torchao", "fp8wo"),
     ("bnb", "int8"),
+    # the source post's other rows (issue 17): Quanto INT8/INT4/FP8 and FP8 storage with
+    # layerwise casting (the fp8 backend's default diffusers layout); run when their wheels
+    # (optimum-quanto) travel in .whl/, else each step records its ImportError
+    ("quanto", "int8"),
+    ("quanto", "int4"),
+    ("quanto", "fp8"),
+    ("fp8", "e4m3fn"),
 ]
 
 
@@ -331,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
 
     RESULT.update({
         "device": device, "device_name": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        "model": a.model, "size": a.size, "versions": library_versions("torchao", "bitsandbytes", "gguf", "torchmetrics"),
+        "model": a.model, "size": a.size, "versions": library_versions("torchao", "bitsandbytes", "gguf", "optimum-quanto", "torchmetrics"),
         "cpu_count": os.cpu_count(),
     })  # fmt: skip
     log(json.dumps({k: RESULT[k] for k in ("device", "device_name", "versions")}))
