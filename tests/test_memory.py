@@ -12,7 +12,7 @@ from conftest import REPO_ROOT
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend,scheme", [("torchao", "int8wo")])
+@pytest.mark.parametrize("backend,scheme", [("torchao", "int8wo"), ("fp8", "e4m3fn")])
 def test_slim_conversion_anonymous_memory_is_bounded(backend, scheme, slim_path, tmp_path):
     proc = subprocess.run(
         [sys.executable, str(REPO_ROOT / "bench" / "convert_memory.py"), "--source", "slim-flux",
