@@ -199,3 +199,85 @@ def test_a_release_plan_names_the_backend(tmp_path, monkeypatch):
     proc = invoke("release", str(plan), "--dry-run")
     assert proc.returncode == 0, proc.stderr
     assert "quanto int8" in proc.stdout and "quanto fp8" in proc.stdout
+
+
+# The slim T5's attention projection (32, 4096), where `qconvert validate --device cpu` of a
+# slim-flux int8 output segfaulted: saved by quanto itself (bf16 scale and 0-d activation scales
+# before the int8 data, so the data lies at a 4 mod 16 file offset), loaded as the card does.
+_CPU_INT8_SCRIPT = """
+import sys, tempfile, torch
+from optimum.quanto import freeze, qint8, quantization_map, quantize, requantize
+from safetensors.torch import load_file, save_file
+from qconvert.convert.quanto import realign_int8_weights
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(4096, 32, bias=False)).to(torch.bfloat16)
+quantize(model, weights=qint8); freeze(model)
+path = tempfile.mkdtemp() + "/model.safetensors"
+save_file(model.state_dict(), path)
+with torch.device("meta"):
+    loaded = torch.nn.Sequential(torch.nn.Linear(4096, 32, bias=False)).to(torch.bfloat16)
+requantize(loaded, load_file(path), quantization_map(model), device=torch.device("cpu"))
+print("offset", loaded[0].weight._data.data_ptr() % 16, flush=True)
+if sys.argv[1] == "realign":
+    realign_int8_weights(loaded)
+x = torch.randn(1, 512, 4096, dtype=torch.bfloat16)
+with torch.no_grad():
+    y = loaded(x)  # quanto -> torch._weight_int8pack_mm (bf16 activations, in_features % 4 == 0)
+    ref = model(x)
+print("max_diff", (y.float() - ref.float()).abs().max().item())
+"""
+
+
+def _run_cpu_int8(mode):
+    return subprocess.run([sys.executable, "-c", _CPU_INT8_SCRIPT, mode], capture_output=True, text=True,
+                          timeout=120, cwd=REPO_ROOT)  # fmt: skip
+
+
+def test_int8_weights_loaded_from_safetensors_run_on_cpu_once_realigned():
+    fixed = _run_cpu_int8("realign")
+    assert fixed.returncode == 0, fixed.stderr[-2000:]
+    assert "offset 0" not in fixed.stdout  # the weight did lie unaligned, as loaded
+    assert "max_diff 0.0" in fixed.stdout  # the same kernel, the same result as quanto's own model
+    if torch.backends.cpu.get_cpu_capability() == "AVX512":
+        # The crash itself (torch 2.13's AVX512 kernel), in its own process.
+        crashed = _run_cpu_int8("as-loaded")
+        assert crashed.returncode == -11, (crashed.returncode, crashed.stderr[-2000:])
+
+
+def test_int8_validation_on_cpu_realigns_and_refuses_what_the_kernel_cannot_run():
+    from optimum.quanto import QTensor, freeze, qint8, quantize
+
+    from qconvert.convert.quanto import check_int8_cpu_runnable, realign_int8_weights
+    from qconvert.errors import DeviceError
+
+    # in_features 64 (int8pack, aligned rows), 40 (int8pack, 40-byte rows: crashes however the
+    # data is placed) and 37 (not a multiple of 4: quanto's plain matmul)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 40), torch.nn.Linear(40, 37), torch.nn.Linear(37, 8))
+    model.to(torch.bfloat16)
+    quantize(model, weights=qint8)
+    freeze(model)
+    realign_int8_weights(model)
+    assert all(isinstance(m.weight, QTensor) and m.weight._data.data_ptr() % 16 == 0 for m in model)
+    check_int8_cpu_runnable(model[0], "transformer", torch.bfloat16)
+    check_int8_cpu_runnable(model[2], "transformer", torch.bfloat16)
+    check_int8_cpu_runnable(model, "transformer", torch.float32)  # float32: quanto's plain matmul
+    with pytest.raises(DeviceError) as err:
+        check_int8_cpu_runnable(model, "transformer", torch.bfloat16)
+    assert "in_features 40" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_int4_plan_refuses_a_bf16_layer_quanto_could_not_load(bf16_src, tmp_path):
+    """The slim T5's d_ff of 37 (out_features % 16 != 0, in_features 4096: groups of 128)."""
+    from transformers import T5Config, T5EncoderModel
+
+    src = tmp_path / "src"
+    shutil.copytree(bf16_src, src)
+    cfg = T5Config(vocab_size=64, d_model=256, d_ff=37, d_kv=8, num_heads=4, num_layers=1,
+                   feed_forward_proj="gated-gelu", is_encoder_decoder=False)  # fmt: skip
+    shutil.rmtree(src / "text_encoder_2")
+    T5EncoderModel(cfg).to(torch.bfloat16).save_pretrained(src / "text_encoder_2")
+    args = ("flux", "--source", str(src), "--backend", "quanto", "--scheme", "int4", "--out", str(tmp_path / "o"))
+    proc = invoke(*args, "--dry-run")
+    line = assert_one_line_error(proc, contains="--components transformer")
+    assert "37x256" in line and "out_features" in line
+    assert invoke(*args, "--dry-run", "--components", "transformer").returncode == 0

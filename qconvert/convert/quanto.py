@@ -36,6 +36,20 @@ written in quanto's own transformers layout (``QuantizedTransformersModel.save_p
 ``model.safetensors`` + ``quanto_qmap.json``, no ``quantization_config``), and the card loads
 it with quanto's ``requantize`` into a T5 built on the meta device, then hands it to the
 pipeline (``text_encoder_2=``).
+
+Two torch 2.13 CPU kernels that quanto calls for bfloat16 weights have limits of their own:
+
+* int8: quanto's CPU ``qbytes_mm`` calls ``torch._weight_int8pack_mm`` for bf16 activations
+  when ``in_features % 4 == 0``. On an AVX512 CPU that kernel *segfaults* when the int8 rows are
+  not 16-byte aligned: a weight whose data starts at an unaligned address (safetensors maps
+  each tensor at its file offset, which is only 2-byte aligned after bf16 scales), or
+  ``in_features % 16 != 0``. Loading on a CPU therefore copies each quantized weight once
+  (``realign_int8_weights``: torch's allocator aligns to 64 bytes), as the card's snippet does;
+  a layer with ``in_features % 16 != 0`` cannot run in bf16 on a CPU at all (a DeviceError at
+  validation; FLUX.1 and T5-XXL have none).
+* int4: bf16 weights in groups of 128 load as quanto's ``TinyGemmWeightQBitsTensor``, whose
+  ``torch._convert_weight_to_int4pack`` needs ``out_features % 16 == 0``; such a layer is refused
+  when planning (FLUX.1 and T5-XXL have none).
 """
 
 from __future__ import annotations
@@ -44,7 +58,7 @@ import json
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..errors import MissingDependency
+from ..errors import DeviceError, InputError, MissingDependency, opt
 from ..plan import QUANTIZE, ComponentPlan, Rule, TensorPlan
 from ..sources import DTYPE_SIZES, Component, SourceTensor
 from .base import Backend, ModelFacts, ProgressFn
@@ -114,6 +128,12 @@ class QuantoBackend(Backend):
         per_byte = 8 // self.bits
         packed = -(-rows // per_byte) * cols
         return packed + 2 * rows * float_size + activation_scales
+
+    def plan_component(self, comp: Component, facts: ModelFacts | None) -> ComponentPlan:
+        plan = super().plan_component(comp, facts)
+        if self.scheme == "int4":
+            check_int4_loadable(comp.name, plan)
+        return plan
 
     # --- the codec -------------------------------------------------------------------------
 
@@ -250,8 +270,28 @@ class QuantoBackend(Backend):
 
     @classmethod
     def usage_lines(cls, facts: Any) -> list[str]:
-        if not cls._t5_quantized(facts):
-            return super().usage_lines(facts)
+        lines = cls._t5_usage_lines(facts) if cls._t5_quantized(facts) else super().usage_lines(facts)
+        if facts.scheme == "int8":
+            lines += cls._realign_lines(facts)
+        return lines
+
+    @classmethod
+    def _realign_lines(cls, facts: Any) -> list[str]:
+        """``realign_int8_weights`` for both models, inline, on a CPU (module docstring)."""
+        return [
+            "if not torch.cuda.is_available():",
+            "    # quanto runs bf16 int8 weights on a CPU through torch's _weight_int8pack_mm, which crashes on",
+            "    # rows that are not 16-byte aligned, as the weights mapped from safetensors are: copy them once",
+            "    from optimum.quanto import QTensor",
+            "",
+            f"    for model in (pipe.transformer, pipe.{facts.family.t5()}):",
+            "        for module in model.modules():",
+            '            if isinstance(getattr(module, "weight", None), QTensor):',
+            '                module.weight = torch.nn.Parameter(module.weight.to("cpu", copy=True), requires_grad=False)',
+        ]
+
+    @classmethod
+    def _t5_usage_lines(cls, facts: Any) -> list[str]:
         pipeline, t5 = facts.family.pipeline_class, facts.family.t5()
         lines = [
             "import json",
@@ -297,6 +337,12 @@ class QuantoBackend(Backend):
         if (Path(out) / t5 / QMAP_NAME).is_file():
             parts[t5] = load_text_encoder(Path(out) / t5, dtype=dtype)
         pipe = family.pipeline_type().from_pretrained(out, dtype=dtype, **parts)
+        if device == "cpu" and manifest.get("scheme") == "int8":
+            for name in ("transformer", t5):
+                model = getattr(pipe, name, None)
+                if model is not None:
+                    realign_int8_weights(model)
+                    check_int8_cpu_runnable(model, name, dtype)
         return pipe if device == "cpu" else pipe.to(device)
 
 
@@ -316,3 +362,54 @@ def load_text_encoder(folder: Path, *, dtype: Any) -> Any:
     requantize(model, state, qmap, device=torch.device("cpu"))
     model.tie_weights()
     return model.eval()
+
+
+def realign_int8_weights(model: Any) -> Any:
+    """Copy every quanto-quantized weight of ``model`` into fresh (64-byte aligned) memory.
+
+    torch 2.13's ``_weight_int8pack_mm`` (quanto's CPU kernel for bf16 int8 weights) segfaults on
+    int8 rows that are not 16-byte aligned, and weights loaded from safetensors lie at their
+    file offsets (module docstring). ``Tensor.to(copy=True)`` goes through quanto's own
+    ``_to_copy``, which copies the data and scale. The card's snippet runs the same loop."""
+    import torch
+    from optimum.quanto import QTensor
+
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, QTensor):
+            module.weight = torch.nn.Parameter(weight.to("cpu", copy=True), requires_grad=False)
+    return model
+
+
+def check_int8_cpu_runnable(model: Any, name: str, dtype: Any) -> None:
+    """Raise DeviceError for a bf16 int8 layer the CPU kernel crashes on whatever its alignment
+    (``in_features`` a multiple of 4 but not of 16: quanto picks ``_weight_int8pack_mm``)."""
+    import torch
+    from optimum.quanto import QLinear
+
+    if dtype != torch.bfloat16:
+        return  # quanto's CPU int8 kernel is only used for bf16 activations
+    for layer, module in model.named_modules():
+        if isinstance(module, QLinear) and module.in_features % 4 == 0 and module.in_features % 16:
+            raise DeviceError(
+                f"{name}.{layer} (in_features {module.in_features}) cannot run as quanto int8 in bfloat16 on a CPU: "
+                "torch's _weight_int8pack_mm crashes when in_features is not a multiple of 16",
+                hint=f"validate on a GPU ({opt('device', 'cuda')}) or choose another quanto scheme "
+                f"({opt('scheme', 'fp8')})",
+            )
+
+
+def check_int4_loadable(component: str, plan: ComponentPlan) -> None:
+    """Refuse a bf16 int4 plan that quanto could not load: bf16 groups of 128 load through
+    torch's int4 packing (TinyGemmWeightQBitsTensor), which needs out_features % 16 == 0."""
+    for tp in plan.tensors:
+        if tp.action != QUANTIZE or tp.dtype != "BF16":
+            continue
+        out_features, in_features = tp.shape
+        if group_size(in_features) == 128 and out_features % 16:
+            raise InputError(
+                f"quanto int4 cannot load {component}'s {tp.name} ({out_features}x{in_features}) in bfloat16: torch's "
+                "int4 packing, which quanto uses for groups of 128, needs out_features to be a multiple of 16",
+                hint=f"quantize the other components only, e.g. {opt('components', 'transformer')}, "
+                f"or choose {opt('scheme', 'int8')}",
+            )
