@@ -20,7 +20,7 @@ from qconvert.convert.base import CONTAINERS, PIPELINE_FOLDER, Backend
 REGISTERED = sorted(BACKENDS.items())
 # One cheap conversion per backend, whose card is rendered once per scheme.
 CARD_CONVERSIONS = {"torchao": ("int8wo", {}), "bnb": ("nf4", {}), "gguf": ("Q8_0", {"layout": "diffusers"}),
-                    "quanto": ("int8", {}), "fp8": ("e4m3fn", {})}
+                    "quanto": ("int8", {}), "fp8": ("e4m3fn", {}), "sdnq": ("int8", {})}
 
 
 def _overrides(cls: type, hook: str) -> bool:

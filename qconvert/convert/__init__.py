@@ -17,7 +17,7 @@ from ..manifest import MANIFEST_NAME, build_manifest
 from ..output import atomic_folder, check_disk_space, check_output, copy_file, copy_license_files, copy_tree, write_json
 from ..plan import ComponentPlan, Plan
 from ..sources import Source, TensorReader
-from . import bnb, fp8, gguf, quanto, torchao
+from . import bnb, fp8, gguf, quanto, sdnq, torchao
 from .base import PIPELINE_FOLDER, Backend
 from .schedule import Scheduler
 
@@ -32,6 +32,7 @@ BACKENDS: dict[str, type[Backend]] = {
     "gguf": gguf.GGUFBackend,
     "quanto": quanto.QuantoBackend,
     "fp8": fp8.FP8Backend,
+    "sdnq": sdnq.SDNQBackend,
 }
 
 SCHEMES: dict[str, tuple[str, ...]] = {name: tuple(cls.schemes) for name, cls in BACKENDS.items()}
