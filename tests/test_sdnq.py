@@ -3,13 +3,14 @@ load (diffusers' and transformers' from_pretrained with an SDNQConfig); the outp
 validates and loads with its card's snippet; plans are exact; bytes are deterministic.
 
 tiny-flux is too narrow for sdnq (it skips every Linear under 16,384 values), so the tests
-build a 128-wide Flux pipeline with a 512-wide T5 (T5's 37-wide feed-forward: groups that do
-not fill 64 or 1024, an odd number of inputs per row for the 4-bit packing)."""
+build a 128-wide Flux pipeline with a 2048-wide T5: its projections have 2048 inputs (two
+groups of 1024 for int8/float8, as FLUX.1-dev's 3072 have three), its 37-wide feed-forward
+groups that fill neither 64 nor 1024 and an odd number of inputs per row for the 4-bit
+packing."""
 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 
@@ -24,24 +25,16 @@ from qconvert.sources import resolve_source
 
 SCHEMES = ("int8", "float8_e4m3fn", "uint4", "int4")
 COMPONENTS = ("transformer", "text_encoder_2")
-WIDE = dict(attention_head_dim=64, num_attention_heads=2, joint_attention_dim=512, axes_dims_rope=[16, 24, 24])
+WIDE = dict(attention_head_dim=64, num_attention_heads=2, joint_attention_dim=2048, axes_dims_rope=[16, 24, 24])
 
 
 @pytest.fixture(scope="module")
-def wide_fp32(tmp_path_factory):
-    """A Flux pipeline wide enough for sdnq to quantize, float32 like the tiny-flux demo."""
+def wide_src(tmp_path_factory):
+    """A Flux pipeline wide enough for sdnq to quantize, bf16 transformer and T5 (FLUX.1-dev's dtype)."""
     from qconvert.tiny import build_pipeline
 
-    src = tmp_path_factory.mktemp("sdnq") / "wide32"
-    build_pipeline(src, **WIDE)
-    return src
-
-
-@pytest.fixture(scope="module")
-def wide_src(wide_fp32, tmp_path_factory):
-    """The same with bf16 transformer and T5 (FLUX.1-dev's dtype)."""
     src = tmp_path_factory.mktemp("sdnq") / "wide"
-    shutil.copytree(wide_fp32, src)
+    build_pipeline(src, **WIDE)
     for f in ("transformer/diffusion_pytorch_model.safetensors", "text_encoder_2/model.safetensors"):
         tensors = load_file(str(src / f))
         save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()}, str(src / f), metadata={"format": "pt"})
@@ -88,6 +81,8 @@ def test_every_tensor_and_the_config_equal_sdnqs_own_save(scheme, outs, wide_src
             # bytes, not values: float8 and packed 4-bit compared as raw storage
             assert torch.equal(ours[k].reshape(-1).view(torch.uint8), theirs[k].reshape(-1).view(torch.uint8)), k
         assert any(k.endswith(".scale") for k in ours), f"sdnq quantized nothing in {comp}"
+        if comp == "text_encoder_2":  # grouped: (out, groups, 1) scales with groups > 1
+            assert ours["encoder.block.0.layer.0.SelfAttention.q.scale"].shape[1] > 1
         q_ours = json.loads((outs / scheme / comp / "config.json").read_text())["quantization_config"]
         q_theirs = json.loads((tmp_path / comp / "config.json").read_text())["quantization_config"]
         assert q_ours["modules_to_not_convert"] == sorted(q_ours["modules_to_not_convert"])
@@ -121,11 +116,16 @@ def test_row_chunks_jobs_and_reruns_do_not_change_the_bytes(outs, wide_src, tmp_
 
 
 @pytest.mark.parametrize("scheme", ("uint4",))  # the packed layout; int8 loads the same way (tensors above)
-def test_flux_converts_validates_and_the_cards_snippet_generates(scheme, wide_fp32, tmp_path, monkeypatch):
-    # float32 like the demo: in bf16 the layers sdnq keeps weigh too much in a 128-wide model
-    # for the 4-bit memory floor (FLUX.1-dev: 3.2x for uint4)
+def test_flux_converts_validates_and_the_cards_snippet_generates(scheme, tmp_path, monkeypatch):
+    # float32 like the demo, and a 512-wide T5: in a 128-wide model the layers sdnq keeps (the
+    # T5-wide context_embedder, in bf16) weigh too much for the 4-bit memory floor, which is
+    # set for FLUX.1-dev (uint4: 3.2x)
+    from qconvert.tiny import build_pipeline
+
+    src = tmp_path / "wide32"
+    build_pipeline(src, **{**WIDE, "joint_attention_dim": 512})
     out = tmp_path / "out"
-    proc = invoke("flux", "--source", str(wide_fp32), "--backend", "sdnq", "--scheme", scheme, "--out", str(out))
+    proc = invoke("flux", "--source", str(src), "--backend", "sdnq", "--scheme", scheme, "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "validation.json").read_text())
     assert report["passed"], report
