@@ -167,3 +167,17 @@ def test_missing_library_is_one_line_naming_the_extra(tmp_path):
     line = assert_one_line_error(proc, contains="pip install 'qconvert[sdnq]'")
     assert "sdnq" in line
     assert not (tmp_path / "x").exists()
+
+
+def test_a_release_plan_names_the_backend(wide_src, tmp_path, monkeypatch):
+    from qconvert.release import load_plan, matrix
+
+    plan = tmp_path / "plan.toml"
+    plan.write_text(f'[release]\nsource = "{wide_src.as_posix()}"\nnamespace = "acme"\n\n'
+                    '[[variant]]\nname = "sdnq-int8"\nbackend = "sdnq"\nscheme = "int8"\n\n'
+                    '[[variant]]\nname = "sdnq-uint4"\nbackend = "sdnq"\nscheme = "uint4"\n')  # fmt: skip
+    assert [v["name"] for v in matrix(load_plan(plan))] == ["sdnq-int8", "sdnq-uint4"]
+    monkeypatch.chdir(tmp_path)
+    proc = invoke("release", str(plan), "--dry-run")
+    assert proc.returncode == 0, proc.stderr
+    assert "sdnq int8" in proc.stdout and "sdnq uint4" in proc.stdout
