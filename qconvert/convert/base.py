@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .. import faults
-from ..errors import MissingDependency, UsageError, opt
+from ..errors import InputError, MissingDependency, UsageError, opt
 from ..plan import CAST, KEEP, QUANTIZE, ComponentPlan, Policy, Rule, TensorPlan
 from ..sources import DTYPE_SIZES, FLOAT_DTYPES, Component, SourceTensor, TensorReader
 from .schedule import EncodedChunk, Scheduler, row_ranges
@@ -444,6 +444,18 @@ class Backend:
     def validation_environment(cls, pipe: Any, device: str) -> dict[str, Any]:
         """Facts about the loaded output for ``validation.json``'s environment (default none)."""
         return {}
+
+
+def check_bfl_width(transformer_config: dict[str, Any], what: str) -> None:
+    """diffusers' converter of BFL-named files hard-codes FLUX.1's width 3072: ``what`` (a file
+    kind, e.g. "BFL-layout GGUF files") loads in diffusers only at that width."""
+    cfg = transformer_config
+    width = int(cfg.get("num_attention_heads", 0)) * int(cfg.get("attention_head_dim", 0))
+    if width != 3072:
+        raise InputError(
+            f"diffusers loads {what} only at Flux width 3072 (this model is {width} wide)",
+            hint=f"convert with {opt('layout', 'diffusers')} to validate it, or pass {opt('validate', False)}",
+        )
 
 
 _TORCH_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}

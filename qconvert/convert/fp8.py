@@ -54,7 +54,7 @@ from ..errors import InputError, NotAFluxModel, UsageError, opt
 from ..families import flux
 from ..plan import CAST, KEEP, QUANTIZE, ComponentPlan, Policy, Rule, TensorPlan
 from ..sources import Component, FileSegment, SourceTensor
-from .base import PIPELINE_FOLDER, SINGLE_FILES, Backend, ModelFacts, ProgressFn
+from .base import PIPELINE_FOLDER, SINGLE_FILES, Backend, ModelFacts, ProgressFn, check_bfl_width
 from .schedule import EncodedChunk, Scheduler, rows_per_chunk
 
 LAYOUTS = ("diffusers", "bfl", "comfyui")
@@ -300,13 +300,8 @@ class FP8Backend(Backend):
 
     @classmethod
     def check_loadable(cls, options: dict[str, Any], transformer_config: dict[str, Any]) -> None:
-        cfg = transformer_config
-        width = int(cfg.get("num_attention_heads", 0)) * int(cfg.get("attention_head_dim", 0))
-        if _layout(options) != "diffusers" and width != 3072:
-            raise InputError(
-                f"diffusers loads BFL-named single files only at Flux width 3072 (this model is {width} wide)",
-                hint=f"convert with {opt('layout', 'diffusers')} to validate it, or pass {opt('validate', False)}",
-            )
+        if _layout(options) != "diffusers":
+            check_bfl_width(transformer_config, "BFL-named single files")
 
     @classmethod
     def load_for_validation(cls, out: Path, manifest: dict[str, Any], ref_root: Path, *, dtype: Any, device: str) -> Any:

@@ -69,11 +69,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from .. import __version__
 from ..families import flux
-from ..errors import InputError, NotAFluxModel, UsageError, opt
+from ..errors import InputError, NotAFluxModel, UsageError
 from ..identity import SourceIdentity
 from ..plan import CAST, KEEP, QUANTIZE, ComponentPlan, Policy, Rule, TensorPlan
 from ..sources import Component, FileSegment, SourceTensor, read_safetensors_header
-from .base import GGUF_FILES, Backend, ModelFacts, ProgressFn
+from .base import GGUF_FILES, Backend, ModelFacts, ProgressFn, check_bfl_width
 from .schedule import EncodedChunk, Scheduler, rows_per_chunk
 
 if TYPE_CHECKING:  # numpy is imported where arrays are made: importing the backend stays cheap
@@ -673,13 +673,8 @@ class GGUFBackend(Backend):
 
     @classmethod
     def check_loadable(cls, options: dict[str, Any], transformer_config: dict[str, Any]) -> None:
-        cfg = transformer_config
-        width = int(cfg.get("num_attention_heads", 0)) * int(cfg.get("attention_head_dim", 0))
-        if (options.get("layout") or "bfl") == "bfl" and width != 3072:
-            raise InputError(
-                f"diffusers loads BFL-layout GGUF files only at Flux width 3072 (this model is {width} wide)",
-                hint=f"convert with {opt('layout', 'diffusers')} to validate it, or pass {opt('validate', False)}",
-            )
+        if (options.get("layout") or "bfl") == "bfl":
+            check_bfl_width(transformer_config, "BFL-layout GGUF files")
 
     @classmethod
     def load_for_validation(cls, out: Path, manifest: dict[str, Any], ref_root: Path, *, dtype: Any, device: str) -> Any:
