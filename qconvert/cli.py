@@ -516,6 +516,37 @@ def release_cmd(state: State, plan_file: Path, only: str | None, as_matrix: bool
         raise error
 
 
+@cli.command("report", short_help="Compare the variants of a release: an HTML page + Markdown table.")
+@output_options
+@click.argument("inputs", nargs=-1, required=True, metavar="WORKDIR_OR_COLLECTION...")
+@click.option("--out", "out", type=click.Path(path_type=Path), default=None,
+              help="Report folder [<workdir>/report, report-<collection> or ./report]; an earlier report is replaced.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable result on stdout.")
+@click.pass_obj
+def report_cmd(state: State, inputs: tuple[str, ...], out: Path | None, as_json: bool) -> None:
+    """Write a comparison report of validated variants of one model.
+
+    \b
+    INPUTS: a release workdir, output folders, or one Hub collection
+    (NAMESPACE/SLUG as in its URL, or NAMESPACE/Title). Writes index.html
+    (table, Pareto plots, image grid, blind comparison), report.md and report.json.
+    \b
+    Examples:
+      qconvert report release-flux1-dev
+      qconvert report out/nf4 out/int8 --out report-flux
+      qconvert report my-org/flux1-dev-quantized-65a1b2c3d4 --out report
+    """
+    from .report import build_report
+
+    result = build_report(list(inputs), out, token=hub_token(), endpoint=hub_endpoint())
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    for note in result.notes:
+        click.echo(f"note: {note}")
+    click.echo(f"report of {len(result.variants)} variants of {result.source}: {result.html}")
+
+
 # click >= 8.2 raises this for a bare group call; click 8.1 prints the help and exits 0 itself
 _NO_ARGS_IS_HELP: Any = getattr(click.exceptions, "NoArgsIsHelpError", ())
 

@@ -344,6 +344,9 @@ def run_release(
     report_data = {"plan": str(plan.path), "qconvert_version": __version__, "source": source.identity.to_dict(),
                    "variants": [asdict(r) for r in results]}  # fmt: skip
     (workdir / REPORT_NAME).write_text(json.dumps(report_data, indent=2, sort_keys=True) + "\n")
+    from .report.release import after_release  # the comparison page of every variant (+ its Hub links)
+
+    after_release(plan, workdir, push=push, token=token, endpoint=endpoint, log=log)
     return results
 
 

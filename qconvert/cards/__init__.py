@@ -391,6 +391,13 @@ def _license_text(facts: CardFacts) -> str:
     return text
 
 
+def _other_variants(out: Path) -> str:
+    """The release report's "Other variants of this model" section, kept in the folder by
+    ``qconvert release --push`` (see ``qconvert.report.hub``); empty when there is none."""
+    path = Path(out) / ".qconvert-variants.md"
+    return path.read_text(encoding="utf-8").strip() if path.is_file() else ""
+
+
 # --- rendering -----------------------------------------------------------------------------
 
 
@@ -460,6 +467,7 @@ def card_text(
         reproduce=reproduce,
         qconvert_version=m.get("qconvert_version", __version__),
         license_text=_license_text(facts),
+        other_variants=_other_variants(facts.out),
     )
     text = str(card).rstrip("\n") + "\n"
     check_card(text)
