@@ -15,7 +15,7 @@ import signal
 
 _ENV = "QCONVERT_KILL_AT"
 _SIGNAL_ENV = "QCONVERT_KILL_SIGNAL"
-_counter = {"tensor": 0}
+_counter: dict[str, int] = {"tensor": 0}
 
 
 class InjectedFault(RuntimeError):
@@ -36,3 +36,11 @@ def tensor_written() -> None:
     if os.environ.get(_ENV, "").startswith("tensor-"):
         _counter["tensor"] += 1
         point(f"tensor-{_counter['tensor']}")
+
+
+def counted(kind: str) -> None:
+    """Count events of ``kind`` (``fetch``: a range request of a streamed source, ``upload``: a
+    shard handed to the Hub); fires ``<kind>-<n>`` before the n-th (1-based)."""
+    if os.environ.get(_ENV, "").startswith(f"{kind}-"):
+        _counter[kind] = _counter.get(kind, 0) + 1
+        point(f"{kind}-{_counter[kind]}")

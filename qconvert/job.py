@@ -157,11 +157,12 @@ def _namespace(namespace: str | None, job: Job) -> str:
 
 
 def resolve(job: Job) -> Any:
-    """The job's :class:`~qconvert.sources.Source` (downloads only what conversion reads)."""
+    """The job's :class:`~qconvert.sources.Source` (downloads only what conversion reads: a Hub
+    pipeline's weights are streamed with range requests, unless already in the local cache)."""
     from .sources import resolve_source
 
     return resolve_source(job.source, revision=job.revision, base=job.base, source_file=job.source_file,
-                          token=job.token, endpoint=job.endpoint)  # fmt: skip
+                          token=job.token, endpoint=job.endpoint, stream=True)  # fmt: skip
 
 
 def check_source(job: Job, source: Any) -> None:

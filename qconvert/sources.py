@@ -71,6 +71,8 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, HeaderEntry], dict[st
     Raises :class:`CorruptCheckpoint` for a file that is truncated, not safetensors, or
     whose offsets do not match its dtypes and shapes.
     """
+    if not isinstance(path, Path) and hasattr(path, "commit"):  # a RemoteFile: range requests
+        return _read_remote_header(path)
     path = Path(path)
     # a source the user cannot read (permissions, a dying disk) is theirs to fix, not a bug
     with mapped_os_errors(f"reading the source file {path}", fix=SOURCE_FIX):
@@ -94,15 +96,28 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, HeaderEntry], dict[s
             )
         if 8 + n > size:
             raise CorruptCheckpoint(f"{label} is truncated (its header is incomplete)", hint="re-download or re-export it")
-        try:
-            header = json.loads(fh.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise CorruptCheckpoint(f"{label} has a corrupt safetensors header", hint="re-download or re-export it") from None
+        raw_header = fh.read(n)
+    return _check_header(label, raw_header, size - 8 - n)
+
+
+def _read_remote_header(rf: Any) -> tuple[dict[str, HeaderEntry], dict[str, str]]:
+    from .remote import header_bytes
+
+    with _hub_errors(rf.repo_id, rf.commit):
+        raw, base = header_bytes(rf)
+    return _check_header(str(rf), raw, rf.size - base)
+
+
+def _check_header(label: str, raw_header: bytes, data_len: int) -> tuple[dict[str, HeaderEntry], dict[str, str]]:
+    """The parsed header of a file with ``data_len`` bytes after it, checked against them."""
+    try:
+        header = json.loads(raw_header)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CorruptCheckpoint(f"{label} has a corrupt safetensors header", hint="re-download or re-export it") from None
     if not isinstance(header, dict):
         raise CorruptCheckpoint(f"{label} has a corrupt safetensors header", hint="re-download or re-export it")
     metadata = header.pop("__metadata__", None) or {}
     entries: dict[str, HeaderEntry] = {}
-    data_len = size - 8 - n
     end_max = 0
     for key, info in header.items():
         try:
@@ -134,9 +149,10 @@ def _read_safetensors_header(path: Path) -> tuple[dict[str, HeaderEntry], dict[s
 
 @dataclass(frozen=True)
 class FileSegment:
-    """Rows ``start:stop`` of tensor ``key`` in safetensors file ``path``."""
+    """Rows ``start:stop`` of tensor ``key`` in safetensors file ``path`` (local, or a
+    :class:`~qconvert.remote.RemoteFile` read with range requests)."""
 
-    path: Path
+    path: Any
     key: str
     start: int | None = None
     stop: int | None = None
@@ -165,17 +181,28 @@ class TensorReader:
     """Keeps one ``safe_open`` handle per file and assembles tensors from segments."""
 
     def __init__(self) -> None:
-        self._handles: dict[Path, Any] = {}
-        self._scale_keys: dict[Path, dict[str, str]] = {}
+        import threading
 
-    def _handle(self, path: Path) -> Any:
+        self._handles: dict[Any, Any] = {}
+        self._scale_keys: dict[Path, dict[str, str]] = {}
+        self._lock = threading.Lock()  # one remote handle (one sha256 in progress) per file
+
+    def _handle(self, path: Any) -> Any:
         h = self._handles.get(path)
         if h is None:
-            from safetensors import safe_open
-
-            h = safe_open(str(path), framework="pt")
-            self._handles[path] = h
+            with self._lock:
+                h = self._handles.get(path)
+                if h is None:
+                    h = self._handles[path] = _open(path)
         return h
+
+    def verify(self) -> None:
+        """Check every streamed file read so far against the Hub's sha256 (at the end of a
+        conversion: bytes never read in order are fetched once here)."""
+        for path, h in list(self._handles.items()):
+            if hasattr(h, "finish"):
+                with _hub_errors(path.repo_id, path.commit):
+                    h.finish()
 
     def _scales(self, path: Path) -> dict[str, str]:
         """weight key -> its ComfyUI ``scale_weight`` key, for a scaled-fp8 file (else {})."""
@@ -237,8 +264,23 @@ class TensorReader:
     def __enter__(self) -> TensorReader:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        try:
+            if exc_type is None:
+                self.verify()
+        finally:
+            self.close()
+
+
+def _open(path: Any) -> Any:
+    if isinstance(path, Path):
+        from safetensors import safe_open
+
+        return safe_open(str(path), framework="pt")
+    from .remote import RemoteHandle
+
+    with _hub_errors(path.repo_id, path.commit):
+        return RemoteHandle(path)
 
 
 # --- components and sources ----------------------------------------------------------------
@@ -255,7 +297,12 @@ class Component:
     config: dict[str, Any] = field(default_factory=dict)
     # Lazily-described weights; empty for components without weights (scheduler, tokenizers).
     tensors: dict[str, SourceTensor] = field(default_factory=dict)
-    weight_files: list[Path] = field(default_factory=list)
+    weight_files: list[Any] = field(default_factory=list)  # Paths, or RemoteFiles of a streamed repo
+
+    @property
+    def remote_files(self) -> list[Any]:
+        """The weight files read from the Hub (not in ``folder``): copied by streaming."""
+        return [f for f in self.weight_files if not isinstance(f, Path)]
 
     @property
     def nbytes(self) -> int:
@@ -287,21 +334,26 @@ def _load_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _component_weight_files(folder: Path) -> list[Path]:
-    """safetensors files of a diffusers/transformers component folder (index-aware)."""
+def _component_weight_files(folder: Path, remote: dict[str, Any] | None = None) -> list[Any]:
+    """safetensors files of a diffusers/transformers component folder (index-aware); of a
+    streamed Hub repo, those not in ``folder`` are ``remote``'s (repo path -> RemoteFile)."""
+    remote = remote or {}
     indexes = sorted(folder.glob("*.safetensors.index.json"))
     indexes = [p for p in indexes if not _is_variant(p.name)]
     if indexes:
         weight_map = _load_json(indexes[0]).get("weight_map", {})
-        files = sorted({folder / f for f in weight_map.values()})
-        missing = [f.name for f in files if not f.is_file()]
+        files = [folder / f if (folder / f).is_file() else remote.get(f"{folder.name}/{f}", folder / f)
+                 for f in sorted(set(weight_map.values()))]  # fmt: skip
+        missing = [f.name for f in files if isinstance(f, Path) and not f.is_file()]
         if missing:
             raise SourceNotFound(
                 f"{folder.name}/{missing[0]} is listed in {indexes[0].name} but missing",
                 hint="re-download the source",
             )
         return files
-    files = sorted(p for p in folder.glob("*.safetensors") if not _is_variant(p.name))
+    local = {p.name: p for p in folder.glob("*.safetensors") if not _is_variant(p.name)}
+    streamed = {f.name: f for rel, f in remote.items() if f.parent.as_posix() == folder.name and not _is_variant(f.name)}
+    files = [local.get(name) or streamed[name] for name in sorted(local.keys() | streamed.keys())]
     if not files and any(p.suffix in PICKLE_SUFFIXES for p in folder.iterdir()):
         raise InputError(
             f"{folder.name}/ holds only pickle weights (.bin/.pt), which qconvert does not load",
@@ -316,7 +368,7 @@ def _is_variant(filename: str) -> bool:
     return len(parts) > 2 and parts[-2] in {"fp16", "bf16", "fp32"}
 
 
-def describe_files(files: list[Path]) -> dict[str, SourceTensor]:
+def describe_files(files: list[Any]) -> dict[str, SourceTensor]:
     tensors: dict[str, SourceTensor] = {}
     for f in files:
         entries, _ = read_safetensors_header(f)
@@ -325,7 +377,7 @@ def describe_files(files: list[Path]) -> dict[str, SourceTensor]:
     return tensors
 
 
-def load_pipeline_folder(root: Path, *, spec: str, identity: SourceIdentity) -> Source:
+def load_pipeline_folder(root: Path, *, spec: str, identity: SourceIdentity, remote: dict[str, Any] | None = None) -> Source:
     root = Path(root)
     index_path = root / "model_index.json"
     if not index_path.is_file():
@@ -354,7 +406,7 @@ def load_pipeline_folder(root: Path, *, spec: str, identity: SourceIdentity) -> 
             comp.config = _load_json(folder / "config.json") if (folder / "config.json").is_file() else {}
             if not comp.config:
                 raise SourceNotFound(f"{spec}: {name}/config.json is missing", hint="re-download the source")
-            comp.weight_files = _component_weight_files(folder)
+            comp.weight_files = _component_weight_files(folder, remote)
             if not comp.weight_files:
                 raise SourceNotFound(f"{spec}: {name}/ has no .safetensors weights", hint="re-download the source (qconvert reads only .safetensors)")
             comp.tensors = describe_files(comp.weight_files)
@@ -534,6 +586,35 @@ def download_hub_source(
     return Path(folder), sha
 
 
+def stream_hub_source(
+    repo_id: str, revision: str | None, *, token: str | None = None, endpoint: str | None = None
+) -> tuple[Path, str, dict[str, Any]]:
+    """(folder of the small files, commit, repo path -> RemoteFile of each weight file not in
+    the local Hub cache): what converting a Hub pipeline without copying it needs."""
+    from huggingface_hub import HfApi, constants, snapshot_download, try_to_load_from_cache
+
+    from .remote import RemoteFile
+
+    if constants.HF_HUB_OFFLINE:
+        return (*_cached_hub_source(repo_id, revision), {})
+    with _hub_errors(repo_id, revision):
+        info = HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision, files_metadata=True)
+        sha = info.sha or revision or "main"
+        folder = Path(snapshot_download(repo_id, revision=sha, allow_patterns=HUB_ALLOW_PATTERNS, token=token,
+                                        ignore_patterns=[*HUB_IGNORE_PATTERNS, "*.safetensors"], endpoint=endpoint))  # fmt: skip
+    remote: dict[str, Any] = {}
+    for sib in info.siblings or []:
+        rel = sib.rfilename
+        if rel.count("/") != 1 or not rel.endswith(".safetensors") or _is_variant(rel):
+            continue
+        cached = try_to_load_from_cache(repo_id, rel, revision=sha)
+        if isinstance(cached, str):  # in the local Hub cache already (the snapshot folder): read it there
+            continue
+        lfs_sha = sib.lfs.sha256 if sib.lfs is not None else None
+        remote[rel] = RemoteFile(repo_id, rel, sha, int(sib.size or 0), lfs_sha, endpoint, token)
+    return folder, sha, remote
+
+
 # --- single files in Hub repos ---------------------------------------------------------------
 
 
@@ -655,13 +736,16 @@ def resolve_source(
     base_revision: str | None = None,
     token: str | None = None,
     endpoint: str | None = None,
+    stream: bool = False,
     _allow_bfl: bool = True,
 ) -> Source:
     """Turn ``--source`` (and ``--base``/``--revision``/``--file``: ``source_file``) into a :class:`Source` (see
     :func:`resolve_again` for a recorded identity).
 
     ``revision`` is the Hub revision of ``spec`` -- of ``base`` for a local single file, whose
-    own has none; ``base_revision`` that of ``base`` for a single file in a Hub repo."""
+    own has none; ``base_revision`` that of ``base`` for a single file in a Hub repo. ``stream``:
+    a Hub pipeline's weights are read with range requests (not downloaded), what converting
+    needs; validation, which loads the source, downloads it."""
     from . import tiny
 
     path = Path(spec).expanduser()
@@ -686,7 +770,8 @@ def resolve_source(
         _check_single_file_name(path, spec, allow=_allow_bfl)
         return _bfl_source(path, spec=spec, base=base, revision=revision, **hub_args)
     if hub is not None:
-        return _hub_source(spec, *hub, revision=revision, base=base, base_revision=base_revision, allow_file=_allow_bfl, **hub_args)
+        return _hub_source(spec, *hub, revision=revision, base=base, base_revision=base_revision, allow_file=_allow_bfl,
+                           stream=stream, **hub_args)  # fmt: skip
     raise SourceNotFound(
         f"source {spec!r} not found",
         hint="pass tiny-flux, a pipeline folder, a Hub repo id (org/name) or a BFL .safetensors file",
@@ -717,15 +802,20 @@ def hub_file_spec(spec: str, file: str | None = None) -> tuple[str, str | None] 
 
 
 def _hub_source(spec: str, repo_id: str, file: str | None, *, revision: str | None, base: str | None,
-                base_revision: str | None, allow_file: bool, token: str | None, endpoint: str | None) -> Source:  # fmt: skip
+                base_revision: str | None, allow_file: bool, token: str | None, endpoint: str | None,
+                stream: bool = False) -> Source:  # fmt: skip
     """A Hub repo: a pipeline (``model_index.json``, no ``--file``), else one of its single files."""
     sha, files = hub_repo_files(repo_id, revision, token=token, endpoint=endpoint)
     if file is None and "model_index.json" in files:
         if base:
             raise UsageError(f"{opt('base')} is for a single-file {opt('source')}; {repo_id} is a whole pipeline", hint=f"drop {opt('base')}")
-        folder, sha = download_hub_source(repo_id, revision, token=token, endpoint=endpoint)
+        remote: dict[str, Any] = {}
+        if stream:
+            folder, sha, remote = stream_hub_source(repo_id, revision, token=token, endpoint=endpoint)
+        else:
+            folder, sha = download_hub_source(repo_id, revision, token=token, endpoint=endpoint)
         identity = HubSource(repo_id, sha, revision if revision and revision != sha else None)
-        return load_pipeline_folder(folder, spec=spec, identity=identity)
+        return load_pipeline_folder(folder, spec=spec, identity=identity, remote=remote)
     if not allow_file:
         raise UsageError(f"{opt('base')} {repo_id} holds no model_index.json: it must be a pipeline",
                          hint=f"pass a diffusers pipeline folder or Hub repo as {opt('base')}")  # fmt: skip

@@ -14,7 +14,7 @@ from .. import faults
 from ..families import flux
 from ..errors import CorruptCheckpoint, UsageError, opt
 from ..manifest import MANIFEST_NAME, build_manifest
-from ..output import atomic_folder, check_disk_space, check_output, copy_file, copy_license_files, copy_tree, write_json
+from ..output import atomic_folder, check_disk_space, check_output, copy_file, copy_license_files, copy_remote, copy_tree, write_json
 from ..plan import ComponentPlan, Plan
 from ..sources import Source, TensorReader
 from . import bnb, fp8, gguf, quanto, sdnq, torchao
@@ -105,6 +105,7 @@ def make_plan(source: Source, backend: Any, components: tuple[str, ...]) -> tupl
                     hint=f"include {name} in {opt('components')}",
                 )
             size = sum(p.stat().st_size for p in comp.folder.rglob("*") if p.is_file())
+            size += sum(f.size for f in comp.remote_files)  # streamed from the Hub into the output
             comp_plans.append(ComponentPlan(name, "copy", None, [], size, size))
     plan = Plan(
         backend.name, backend.scheme, source.identity.to_dict(), comp_plans,
@@ -198,7 +199,7 @@ def _write_pipeline(
         comp = source.components[cp.name]
         if cp.action == "copy":
             assert comp.folder is not None
-            written[cp.name] = copy_tree(comp.folder, tmp / cp.name)
+            written[cp.name] = copy_tree(comp.folder, tmp / cp.name) + copy_remote(comp.remote_files, tmp / cp.name)
         else:
             written[cp.name] = backend.write_component(comp, cp, facts[cp.name], tmp, scheduler, progress)
         seconds[cp.name] = time.perf_counter() - t0

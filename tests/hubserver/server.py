@@ -106,6 +106,7 @@ import fnmatch
 import hashlib
 import hmac
 import html
+import io
 import json
 import os
 import re
@@ -386,12 +387,13 @@ class HubServer:
         """Make the next ``times`` requests whose path contains ``path_substring`` fail.
 
         ``status`` is an HTTP status (the body is read, then a JSON error is sent and the
-        connection closed) or ``"drop"`` (half the body is read, then the connection is cut
-        without an answer). ``method`` restricts the match (e.g. ``"PUT"``). Paths are matched
+        connection closed), ``"drop"`` (half the body is read, then the connection is cut
+        without an answer) or ``"cut"`` (a ``/resolve`` GET is answered, but the connection is
+        cut after half of the response body: what a resumed download sees). ``method`` restricts the match (e.g. ``"PUT"``). Paths are matched
         without the query string, e.g. ``"/commit/"``, ``"/preupload/"``, ``"/_lfs/"`` (LFS
         upload hrefs), ``"/info/lfs/objects/batch"``, ``"/resolve/"``.
         """
-        if status != "drop" and not (isinstance(status, int) and 400 <= status <= 599):
+        if status not in ("drop", "cut") and not (isinstance(status, int) and 400 <= status <= 599):
             raise ValueError("status must be an HTTP error status or 'drop'")
         fault = Fault(path_substring, status, times, method.upper() if method else None)
         with self._lock:
@@ -763,7 +765,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.query = {k: v for k, v in parse_qs(split.query, keep_blank_values=True).items()}
         try:
             fault = self.hub._take_fault(method, raw_path)
-            if fault is not None:
+            self._cut = fault is not None and fault.action == "cut"
+            if fault is not None and not self._cut:
                 self._inject(fault)
                 return
             self.user = self.hub.authenticate(self.headers.get("Authorization"))
@@ -1437,6 +1440,14 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.end_headers()
         if self.command == "HEAD" or length == 0:
+            return
+        if getattr(self, "_cut", False):  # half the body, then the connection dies
+            with (opener() if opener else io.BytesIO(data)) as f:
+                f.seek(start)
+                self.wfile.write(f.read(max(1, length // 2)))
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
             return
         if opener is None:
             self.wfile.write(data[start : end + 1])
