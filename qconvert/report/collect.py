@@ -20,7 +20,7 @@ VALIDATION = "validation.json"
 MANIFEST = "qconvert.json"
 RELEASE_REPORT = "release-report.json"
 RELEASE_STATE = "release-state.json"
-_SLUG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[^/\s]+$")
+_SLUG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[^/]+$")
 
 
 @dataclass

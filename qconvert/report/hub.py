@@ -59,8 +59,8 @@ def find_collection(api: Any, spec: str, *, endpoint: str | None) -> Any:
                 return api.get_collection(c.slug)
     except Exception as e:  # noqa: BLE001
         raise hub_error(e, f"listing the collections of {ns}", repo_id=spec, endpoint=endpoint) from None
-    raise InputError(f"there is no collection {spec} on the Hub",
-                     hint="pass its slug (namespace/title-slug-id, as in its URL) or namespace/Title")  # fmt: skip
+    raise InputError(f"there is no collection {spec} on the Hub (nor a local folder {spec})",
+                     hint="pass a folder, or a collection's slug (namespace/title-slug-id, as in its URL) or namespace/Title")  # fmt: skip
 
 
 def _download_variant(api: Any, repo_id: str, folder: Path) -> bool:

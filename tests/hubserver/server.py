@@ -1518,7 +1518,9 @@ class _Handler(BaseHTTPRequestHandler):
                 continue
             if item and not any(f"{i['type']}s/{i['id']}" == item for i in c.items):
                 continue
-            out.append(self.hub._collection_json(c))
+            listed = self.hub._collection_json(c)
+            listed.pop("position")  # the Hub's listing has none: huggingface_hub numbers the listed ones itself
+            out.append(listed)
         self.send_json(out)
 
     @route("GET", r"/api/collections/(?P<ns>[^/]+)/(?P<slug>[^/]+)")
