@@ -474,11 +474,13 @@ def _summary_table(summary: dict[str, Any]) -> str:
 @click.option("--matrix", "as_matrix", is_flag=True, help="Print the variants as a JSON list (CI matrix) and stop.")
 @click.option("--dry-run", is_flag=True, help="Print what would run and stop.")
 @click.option("--push", is_flag=True, help="Push each validated variant to the Hub.")
+@click.option("--stage", is_flag=True, help="Convert (no validation) and push each variant to its repo's qconvert-staging branch.")
+@click.option("--promote", is_flag=True, help="Validate each staged variant from the Hub; promote the passing ones to main.")
 @click.option("--workdir", type=click.Path(path_type=Path), default=None, help="Outputs and resumable state [release-<plan>].")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.pass_obj
 def release_cmd(state: State, plan_file: Path, only: str | None, as_matrix: bool, dry_run: bool, push: bool,
-                workdir: Path | None, as_json: bool) -> None:
+                stage: bool, promote: bool, workdir: Path | None, as_json: bool) -> None:
     """Run a release plan: convert, validate, card and push many variants.
 
     \b
@@ -489,8 +491,10 @@ def release_cmd(state: State, plan_file: Path, only: str | None, as_matrix: bool
     Re-running continues where an interrupted run stopped; variants already on the Hub
     with the same source revision and qconvert version are skipped. A failed variant
     does not stop the others; the exit code is the first failure's (4 validation, 5 push).
+    --stage (CPU runners) and then --promote (one GPU runner) split a release: nothing
+    reaches main unvalidated, and promoting uploads nothing again.
     """
-    from .release import load_plan, matrix, run_release, summary_table
+    from .release import load_plan, matrix, summary_table
 
     plan = load_plan(plan_file)
     if as_matrix:
@@ -499,8 +503,8 @@ def release_cmd(state: State, plan_file: Path, only: str | None, as_matrix: bool
     _quiet_libraries(state.verbose)
     token = hub_token()
     workdir = workdir or Path(f"release-{plan_file.stem}")
-    results = run_release(plan, only=only, workdir=workdir, push=push, dry_run=dry_run, token=token,
-                          endpoint=hub_endpoint(), log=state.info, progress=not state.quiet)  # fmt: skip
+    results = _release_results(plan, only, workdir, push=push, dry_run=dry_run, stage=stage, promote=promote,
+                               token=token, state=state)  # fmt: skip
     if as_json:
         from dataclasses import asdict
 
@@ -514,6 +518,25 @@ def release_cmd(state: State, plan_file: Path, only: str | None, as_matrix: bool
         error = QConvertError(f"{len(failed)} of {len(results)} variants failed (first: {failed[0].name}: {failed[0].detail})")
         error.exit_code = failed[0].exit_code or 1  # the first failure's own code: 4 validation, 5 push, ...
         raise error
+
+
+def _release_results(plan: Any, only: str | None, workdir: Path, *, push: bool, dry_run: bool, stage: bool,
+                     promote: bool, token: str | None, state: State) -> list[Any]:  # fmt: skip
+    """One of the release's modes: all in one (run_release), stage, or promote."""
+    from .errors import UsageError
+    from .release import run_release
+
+    if sum((stage, promote, push)) > 1 or ((stage or promote) and dry_run):
+        raise UsageError("--stage, --promote and --push are separate modes of a release", hint="pass one of them")
+    if stage or promote:
+        from . import staging
+
+        if stage:
+            return staging.stage_release(plan, only=only, workdir=workdir, token=token, endpoint=hub_endpoint(),
+                                         log=state.info, progress=not state.quiet)  # fmt: skip
+        return staging.promote_release(plan, only=only, workdir=workdir, token=token, endpoint=hub_endpoint(), log=state.info)
+    return run_release(plan, only=only, workdir=workdir, push=push, dry_run=dry_run, token=token,
+                       endpoint=hub_endpoint(), log=state.info, progress=not state.quiet)  # fmt: skip
 
 
 @cli.command("report", short_help="Compare the variants of a release: an HTML page + Markdown table.")

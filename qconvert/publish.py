@@ -317,14 +317,16 @@ class RemoteState:
     files: dict[str, Any] = field(default_factory=dict)  # path -> RepoSibling
 
 
-def remote_state(api: Any, repo_id: str, *, endpoint: str | None) -> RemoteState:
+def remote_state(api: Any, repo_id: str, *, endpoint: str | None, revision: str | None = None) -> RemoteState:
+    """The repo at ``revision`` (default: main); a branch not created yet is an existing repo
+    with no head."""
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
     try:
-        info = api.model_info(repo_id, files_metadata=True)
+        info = api.model_info(repo_id, files_metadata=True, revision=revision)
     except RepositoryNotFoundError:
         return RemoteState(False)
-    except RevisionNotFoundError:  # a repo without a main branch yet
+    except RevisionNotFoundError:  # a repo without a main branch yet, or a new branch
         return RemoteState(True)
     except Exception as e:  # noqa: BLE001
         raise hub_error(e, f"reading {repo_id}", repo_id=repo_id, endpoint=endpoint) from None
@@ -451,14 +453,15 @@ def _commit_with_retries(
     deletions: list[str],
     endpoint: str | None,
     info: Any,
+    revision: str | None = None,
 ) -> str:
-    """create_commit, retried on transient failures of the commit POST; returns the commit oid."""
+    """create_commit (on branch ``revision``, default main), retried on transient failures of
+    the commit POST; returns the commit oid."""
     waits = list(RETRY_WAITS)
     while True:
         try:
-            res = api.create_commit(
-                repo_id, operations, commit_message=message, commit_description=description, parent_commit=parent
-            )
+            res = api.create_commit(repo_id, operations, commit_message=message, commit_description=description,
+                                    parent_commit=parent, revision=revision)  # fmt: skip
             return str(res.oid)
         except Exception as e:  # noqa: BLE001
             if isinstance(e, ValueError) and "metadata" in str(e).lower():
@@ -470,7 +473,7 @@ def _commit_with_retries(
                 raise hub_error(e, f"committing to {repo_id}", repo_id=repo_id, endpoint=endpoint) from None
             info(f"the Hub did not take the commit ({type(_root_cause(e)).__name__}); retrying in {waits[0]:.0f} s")
             time.sleep(waits.pop(0))
-            now = remote_state(api, repo_id, endpoint=endpoint)
+            now = remote_state(api, repo_id, endpoint=endpoint, revision=revision)
             if now.head != parent:
                 # The commit may have landed even though its answer was lost.
                 done = all(_same(f, now.files.get(path)) for path, f in target.items())
@@ -504,8 +507,11 @@ def push(
     commit_message: str | None = None,
     keep_remote_files: bool | None = None,
     info: Any = None,
+    branch: str | None = None,
 ) -> PushResult:
-    """Publish the output folder ``out`` as the model repo ``repo_id`` (see the module docstring)."""
+    """Publish the output folder ``out`` as the model repo ``repo_id`` (see the module docstring);
+    ``branch``: to that branch (created from main when missing) instead of main, for a
+    staging branch that :func:`qconvert.staging.promote` later makes main."""
     register_secret(token)
     log = info or (lambda msg: None)
     out = Path(out)
@@ -526,7 +532,7 @@ def push(
 
     api = HfApi(endpoint=endpoint, token=token)
     _check_token(api, token, repo_id, endpoint=endpoint)
-    remote = remote_state(api, repo_id, endpoint=endpoint)
+    remote = remote_state(api, repo_id, endpoint=endpoint, revision=branch)
     if remote.exists and remote.private is not None and remote.private != private:
         notes.append(f"the repo exists and is {'private' if remote.private else 'public'}; its visibility was left as it is")
     files, kept = _plan_files(target, remote, keep_remote_files)
@@ -540,10 +546,11 @@ def push(
     if dry_run:
         return result
     _write_card(out, card, target)
-    if not remote.exists:
-        remote = _create_repo(api, result, target, keep_remote_files, private=private, endpoint=endpoint, log=log)
+    if not remote.exists or (branch and remote.head is None):
+        remote = _create_repo(api, result, target, keep_remote_files, private=private, endpoint=endpoint, log=log,
+                              branch=branch)  # fmt: skip
     if result.uploads or result.deletions:
-        _commit(api, out, manifest, result, target, remote, endpoint=endpoint, log=log)
+        _commit(api, out, manifest, result, target, remote, endpoint=endpoint, log=log, branch=branch)
     result.repo_exists = True
     if collection:
         from .cards.data import read_validation
@@ -619,20 +626,22 @@ def _write_card(out: Path, card: str | None, target: dict[str, LocalFile]) -> No
 
 
 def _create_repo(api: Any, result: PushResult, target: dict[str, LocalFile], keep_remote_files: bool, *,
-                 private: bool, endpoint: str | None, log: Any) -> RemoteState:
-    log(f"creating {'private' if private else 'public'} repo {result.repo_id}")
+                 private: bool, endpoint: str | None, log: Any, branch: str | None = None) -> RemoteState:
+    log(f"creating {'private' if private else 'public'} repo {result.repo_id}" + (f", branch {branch}" if branch else ""))
     try:
         api.create_repo(result.repo_id, private=private, exist_ok=True)
+        if branch:
+            api.create_branch(result.repo_id, branch=branch, exist_ok=True)
     except Exception as e:  # noqa: BLE001
         raise hub_error(e, f"creating {result.repo_id}", repo_id=result.repo_id, endpoint=endpoint) from None
-    remote = remote_state(api, result.repo_id, endpoint=endpoint)
+    remote = remote_state(api, result.repo_id, endpoint=endpoint, revision=branch)
     result.files, result.measurements_kept = _plan_files(target, remote, keep_remote_files)
     result.private = remote.private if remote.private is not None else private
     return remote
 
 
 def _commit(api: Any, out: Path, manifest: dict[str, Any], result: PushResult, target: dict[str, LocalFile],
-            remote: RemoteState, *, endpoint: str | None, log: Any) -> None:
+            remote: RemoteState, *, endpoint: str | None, log: Any, branch: str | None = None) -> None:
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
     ops: list[Any] = []
@@ -647,6 +656,7 @@ def _commit(api: Any, out: Path, manifest: dict[str, Any], result: PushResult, t
     result.commit = _commit_with_retries(
         api, result.repo_id, ops, message=result.commit_message, description=_commit_description(manifest, result.validated, result),
         parent=remote.head, target=target, deletions=[f.path for f in result.deletions], endpoint=endpoint, info=log,
+        revision=branch,
     )  # fmt: skip
     result.committed = True
 

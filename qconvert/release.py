@@ -268,13 +268,14 @@ def _save_state(workdir: Path, state: dict[str, Any]) -> None:
 
 
 def remote_is_current(repo_id: str, source_identity: SourceIdentity, v: Variant, *, token: str | None,
-                      endpoint: str | None) -> bool:
-    """True when the remote repo's manifest says it holds this very variant already."""
+                      endpoint: str | None, revision: str | None = None) -> bool:
+    """True when the remote repo's manifest (at ``revision``, default main) says it holds this
+    very variant already."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, EntryNotFoundError, RepositoryNotFoundError
 
     try:
-        path = hf_hub_download(repo_id, "qconvert.json", token=token, endpoint=endpoint)
+        path = hf_hub_download(repo_id, "qconvert.json", token=token, endpoint=endpoint, revision=revision)
     except (EntryNotFoundError, RepositoryNotFoundError):
         return False
     except HfHubHTTPError:

@@ -280,3 +280,37 @@ def test_server_starts_and_stops_fast(tmp_path):
     assert time.monotonic() - t0 < 3
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
+
+
+def test_branches_copy_between_them_and_delete(hub, api, repo_id, folder, big_bytes, tmp_path):
+    """A staging branch: commit to it, read from it, copy its LFS file to main without a
+    second upload (CommitOperationCopy: the commit references the stored object), delete it."""
+    from huggingface_hub import CommitOperationCopy
+
+    api.create_repo(repo_id)
+    api.create_branch(repo_id, branch="staging")
+    api.create_branch(repo_id, branch="staging", exist_ok=True)  # 409 absorbed by the client
+    puts = hub.count_requests("PUT", "/_lfs/")
+    api.upload_folder(repo_id=repo_id, folder_path=folder, revision="staging")
+    assert hub.count_requests("PUT", "/_lfs/") == puts + 1
+    assert hub.commit_count(repo_id) == 1 and hub.commit_count(repo_id, branch="staging") == 2
+    assert "weights/blob.bin" not in hub.files(repo_id)
+    got = hf_hub_download(repo_id, "weights/blob.bin", revision="staging", cache_dir=tmp_path / "c")
+    assert Path(got).read_bytes() == big_bytes
+    assert {s.rfilename for s in api.model_info(repo_id, revision="staging").siblings} >= {"weights/blob.bin", "notes.txt"}
+
+    head = hub.head(repo_id, branch="staging")
+    ops = [CommitOperationCopy(p, p, src_revision=head) for p in ("weights/blob.bin", "notes.txt")]
+    api.create_commit(repo_id, ops, commit_message="promote")
+    assert hub.count_requests("PUT", "/_lfs/") == puts + 1  # nothing uploaded again
+    assert hub.files(repo_id)["weights/blob.bin"]["sha256"] == hashlib.sha256(big_bytes).hexdigest()
+    assert hub.read_file(repo_id, "notes.txt") == b"hello hub\n"
+
+    api.delete_branch(repo_id, branch="staging")
+    assert "staging" not in [b.name for b in api.list_repo_refs(repo_id).branches]
+    with pytest.raises(HfHubHTTPError) as e:
+        api.delete_branch(repo_id, branch="staging")
+    assert _status(e.value) == 404
+    with pytest.raises(HfHubHTTPError) as e:
+        api.delete_branch(repo_id, branch="main")
+    assert _status(e.value) == 403

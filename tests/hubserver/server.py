@@ -1142,6 +1142,16 @@ class _Handler(BaseHTTPRequestHandler):
         repo.git.git("update-ref", f"refs/heads/{branch}", start, "0" * 40)
         self.send_json({})
 
+    @route("DELETE", rf"/api/{_T}/{_RID}/branch/(?P<branch>[^/]+)")
+    def delete_branch(self, t, ns, name, branch):
+        repo = self.hub.get_repo_for(t[:-1], f"{ns}/{name}", self.user, write=True)
+        if branch == "main":
+            raise HubError(403, "The main branch cannot be deleted")
+        if not repo.git.is_branch(branch):
+            raise HubError(404, f"Invalid rev id: {branch}", code="RevisionNotFound")
+        repo.git.git("update-ref", "-d", f"refs/heads/{branch}")
+        self.send_json({})
+
     @route("POST", rf"/api/{_T}/{_RID}/tag/(?P<rev>[^/]+)")
     def create_tag(self, t, ns, name, rev):
         body = self.json_body()
