@@ -126,7 +126,9 @@ def test_three_variants_resume_after_kill_and_push_nothing_twice(hub, hub_env, t
     rows = {r["name"]: r for r in json.loads(resumed.stdout)}
     assert rows["int8wo"]["status"] == "skipped"
     assert rows["fp8wo"]["status"] == rows["Q8_0"]["status"] == "done"
-    assert hub.commit_count("acme/rel-int8wo") == first_commits
+    # int8wo is not pushed again; its card gets the other variants' table (qconvert report), README.md alone
+    assert hub.commit_count("acme/rel-int8wo") == first_commits + 1
+    assert hub.commits("acme/rel-int8wo")[0]["message"].count("1 file(s) added or changed, 0 deleted") == 1
     counts = {r: hub.commit_count(f"acme/rel-{r}") for r in ("int8wo", "fp8wo", "Q8_0")}
 
     # a second full run, even from a fresh workdir, pushes nothing
@@ -143,7 +145,9 @@ def test_three_variants_resume_after_kill_and_push_nothing_twice(hub, hub_env, t
     assert changed.returncode == 0, changed.stderr
     rows = {r["name"]: r["status"] for r in json.loads(changed.stdout)}
     assert rows == {"int8wo": "done", "fp8wo": "skipped", "Q8_0": "skipped"}
-    assert hub.commit_count("acme/rel-int8wo") == counts["int8wo"] + 1
+    # the new conversion, then its card's cross-links (the fresh output's card had none)
+    assert hub.commit_count("acme/rel-int8wo") == counts["int8wo"] + 2
+    assert "## Other variants of this model" in hub.read_file("acme/rel-int8wo", "README.md").decode()
 
 
 def test_matrix_needs_only_qconvert_itself():

@@ -17,6 +17,7 @@ from conftest import REPO_ROOT, assert_one_line_error, invoke, run_cli, tree_has
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 VARIANTS = ["int8wo", "fp8wo", "Q8_0"]
+REPOS = [f"report-{n}" for n in VARIANTS]  # the release's report is of its collection: repo names
 COLLECTION = "tiny-flux report test"
 
 
@@ -65,7 +66,7 @@ def test_release_report_works_in_a_headless_browser(release, tmp_path):
     sync_playwright = _browser()
     report = release / "report" / "index.html"
     assert report.is_file()
-    peak = {n: _validation(release, n)["quantized"]["peak_memory"] for n in VARIANTS}
+    peak = {f"report-{n}": _validation(release, n)["quantized"]["peak_memory"] for n in VARIANTS}
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -76,16 +77,16 @@ def test_release_report_works_in_a_headless_browser(release, tmp_path):
         page.goto(report.as_uri())
         page.wait_for_load_state("load")
         assert errors == []
-        assert _names(page) == VARIANTS  # one row per variant, in plan order
+        assert _names(page) == REPOS  # one row per variant, in plan (collection) order
         assert page.locator("#variants tbody tr.reference").count() == 1
         images = page.evaluate("[...document.images].map(i => [i.getAttribute('src'), i.complete && i.naturalWidth > 0])")
         assert len(images) == 2 + 2 * 2 * (1 + len(VARIANTS))  # 2 plots; grid + blind: 2 prompts x 4
         assert all(ok for _, ok in images), images
         assert sum(src.startswith("plots/") for src, _ in images) == 2
 
-        assert _sort_and_read(page, "peak memory") == sorted(VARIANTS, key=peak.get)
-        assert _sort_and_read(page, "peak memory") == sorted(VARIANTS, key=peak.get, reverse=True)
-        assert _sort_and_read(page, "variant") == sorted(VARIANTS, key=str.casefold)  # the browser's collation
+        assert _sort_and_read(page, "peak memory") == sorted(REPOS, key=peak.get)
+        assert _sort_and_read(page, "peak memory") == sorted(REPOS, key=peak.get, reverse=True)
+        assert _sort_and_read(page, "variant") == sorted(REPOS, key=str.casefold)  # the browser's collation
         # LPIPS was not measured (no AlexNet weights here): shown as such, never as a number
         lpips = page.eval_on_selector_all("#variants tbody tr.variant td[data-col$=':lpips']", "c => c.map(x => x.textContent)")
         assert lpips == ["not measured"] * 3
@@ -103,7 +104,7 @@ def _check_blind_mode(page) -> None:
     row = blinds.nth(0)
     figures = row.locator("figure")
     labels = sorted(figures.evaluate_all("fs => fs.map(f => f.dataset.label)"))
-    assert labels == sorted(["reference", *VARIANTS])
+    assert labels == sorted(["reference", *REPOS])
     first = figures.nth(0)
     caption = first.locator("figcaption")
     assert not caption.is_visible()  # hidden until clicked
@@ -129,9 +130,9 @@ def test_cards_link_the_other_variants_and_an_unchanged_report_commits_nothing(r
     for name in VARIANTS:
         card = hub.read_file(f"acme/report-{name}", "README.md").decode()
         section = card[card.index("## Other variants of this model"):card.index("## How to reproduce")]
-        assert f"**[{name}](https://huggingface.co/acme/report-{name})** (this one)" in section
+        assert f"**[report-{name}](https://huggingface.co/acme/report-{name})** (this one)" in section
         others = [n for n in VARIANTS if n != name]
-        assert all(f"| [{n}](https://huggingface.co/acme/report-{n}) |" in section for n in others)
+        assert all(f"| [report-{n}](https://huggingface.co/acme/report-{n}) |" in section for n in others)
         assert "/spaces/acme/tiny-flux-report" in section
         # created, the variant, its cross-links: one commit for the links
         assert hub.commit_count(f"acme/report-{name}") == 3
@@ -164,10 +165,11 @@ def test_report_of_a_hub_collection(release, hub_env, tmp_path):
         out = tmp_path / spec.replace("/", "_")
         proc = invoke("report", spec, "--out", str(out), "--json")
         assert proc.returncode == 0, proc.stderr
-        assert json.loads(proc.stdout)["variants"] == [f"report-{n}" for n in VARIANTS]
+        assert json.loads(proc.stdout)["variants"] == REPOS
         data = json.loads((out / "report.json").read_text())
-        assert [r["repo_id"] for r in data["rows"] if r["kind"] == "variant"] == [f"acme/report-{n}" for n in VARIANTS]
+        assert [r["repo_id"] for r in data["rows"] if r["kind"] == "variant"] == [f"acme/{n}" for n in REPOS]
         assert len(list((out / "images").rglob("*.png"))) == 2 * (1 + len(VARIANTS))
+        assert tree_hashes(out) == tree_hashes(release / "report")  # what the release wrote and published
     proc = invoke("report", "acme/no-such-collection", "--out", str(tmp_path / "none"))
     assert_one_line_error(proc, code=3, contains="there is no collection acme/no-such-collection")
     assert not (tmp_path / "none").exists()
@@ -205,11 +207,12 @@ def test_bad_input_is_one_line_and_writes_nothing(release, tmp_path):
     assert (not_a_report / "notes.txt").read_text() == "mine"
 
 
-def test_report_is_deterministic_and_replaces_an_earlier_report(release, tmp_path):
+def test_report_of_a_workdir_is_deterministic_and_replaces_an_earlier_report(release, tmp_path):
     out = tmp_path / "r"
-    assert invoke("report", str(release), "--out", str(out)).returncode == 0
+    proc = invoke("report", str(release), "--out", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["variants"] == VARIANTS  # the workdir's folders, in plan order
     first = tree_hashes(out)
-    assert first == tree_hashes(release / "report")  # what the release wrote
     assert invoke("report", str(release), "--out", str(out)).returncode == 0
     assert tree_hashes(out) == first
 

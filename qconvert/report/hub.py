@@ -9,7 +9,7 @@ Publishing (``qconvert release --push``, after the variants were pushed):
 
 * the report folder goes to a static Space ``<namespace>/<source>-report`` (its page is the
   report) in one commit, none when the Space already holds the same files;
-* each variant pushed from the workdir gets an "Other variants of this model" section in its
+* each variant pushed from the workdir (and in the report) gets an "Other variants of this model" section in its
   card (the Markdown table with links, its own row marked): the section is kept in the
   output folder (``.qconvert-variants.md``, never uploaded) so that later ``qconvert card``
   and ``qconvert push`` runs keep it, and the variant is pushed again, which commits the
@@ -167,18 +167,20 @@ def push_space(report: Any, repo_id: str, *, token: str | None, endpoint: str | 
     return True
 
 
-def cross_link(report: Any, url: str | None, *, token: str | None, endpoint: str | None, log: Any) -> dict[str, bool]:
-    """Each pushed variant's card gets the section; returns repo id -> whether it was committed."""
+def cross_link(report: Any, folders: dict[str, Path], url: str | None, *, token: str | None, endpoint: str | None,
+               log: Any) -> dict[str, bool]:
+    """The card of each variant in ``folders`` (repo id -> its output folder) gets the section and
+    is pushed again; returns repo id -> whether that made a commit."""
     from ..publish import push
 
     done = {}
-    for v in report.variants:
-        if not v.repo_id:
-            continue
-        (v.folder / SECTION_FILE).write_text(section(report.table, v.repo_id, url), encoding="utf-8")
-        result = push(v.folder, v.repo_id, token=token, endpoint=endpoint, info=log)
-        done[v.repo_id] = result.committed
-        log(f"{v.name}: card cross-links {'pushed' if result.committed else 'unchanged'}")
+    for repo_id, folder in sorted(folders.items()):
+        if not any(v.repo_id == repo_id for v in report.variants):
+            continue  # not in the report (not in the collection): nothing to link it with
+        (folder / SECTION_FILE).write_text(section(report.table, repo_id, url), encoding="utf-8")
+        result = push(folder, repo_id, token=token, endpoint=endpoint, info=log)
+        done[repo_id] = result.committed
+        log(f"{repo_id}: card cross-links {'pushed' if result.committed else 'unchanged'}")
     return done
 
 
