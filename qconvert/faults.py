@@ -1,7 +1,9 @@
 """Fault injection for crash-safety tests: kill this process at a named point.
 
 Set ``QCONVERT_KILL_AT`` to a point name (``after-plan``, ``tensor-<n>`` — before the n-th
-tensor of the run is written, ``before-rename``) and the process SIGKILLs itself there, as a
+tensor of the run is written, ``fetch-<n>`` — before the n-th range request of a streamed
+source, ``upload-<n>`` — before the n-th shard is uploaded while converting,
+``before-stage-commit``, ``before-promote-commit``, ``after-promote-commit``, ``before-rename``) and the process SIGKILLs itself there, as a
 power cut or OOM kill would; with ``QCONVERT_KILL_SIGNAL=INT`` it sends itself SIGINT there
 instead (a Ctrl-C at a known moment), and with ``QCONVERT_KILL_SIGNAL=RAISE`` it raises
 :class:`InjectedFault` (a bug at a known moment: what must not take other work down with it).
@@ -44,3 +46,9 @@ def counted(kind: str) -> None:
     if os.environ.get(_ENV, "").startswith(f"{kind}-"):
         _counter[kind] = _counter.get(kind, 0) + 1
         point(f"{kind}-{_counter[kind]}")
+
+
+def reset() -> None:
+    """Start counting again (a test that re-runs in the same process)."""
+    _counter.clear()
+    _counter["tensor"] = 0

@@ -16,7 +16,7 @@ from typing import Any
 
 from . import __version__
 from .errors import InputError
-from .output import sha256_of
+from .output import file_entry
 
 MANIFEST_NAME = "qconvert.json"
 MANIFEST_FORMAT = 1
@@ -59,7 +59,7 @@ def build_manifest(
     for cp in plan.components:
         files = written.get(cp.name, [])
         entries = {
-            p.relative_to(root).as_posix(): {"size": p.stat().st_size, "sha256": sha256_of(p)}
+            p.relative_to(root).as_posix(): file_entry(p)
             for p in sorted(files)
         }
         comps[cp.name] = {
@@ -72,7 +72,7 @@ def build_manifest(
             "files": entries,
         }
     other = {
-        p.relative_to(root).as_posix(): {"size": p.stat().st_size, "sha256": sha256_of(p)}
+        p.relative_to(root).as_posix(): file_entry(p)
         for p in sorted(written.get("_root", []))
     }
     return {

@@ -245,6 +245,32 @@ def copy_tree(src: Path, dst: Path) -> list[Path]:
     return files
 
 
+# Shards uploaded as they were finished (a staging push) are not in the folder: their sha256
+# and size, by file name, in this hidden file of their component folder (read by the manifest
+# and by push, which commits them without uploading them again).
+UPLOADED_NAME = ".qconvert-uploaded.json"
+
+
+def record_uploaded(folder: Path, uploaded: dict[str, tuple[str, int]]) -> None:
+    if uploaded:
+        data = {name: {"sha256": sha, "size": size} for name, (sha, size) in sorted(uploaded.items())}
+        write_json(folder / UPLOADED_NAME, data)
+
+
+def uploaded_entry(path: Path) -> dict[str, Any] | None:
+    """``{"sha256", "size"}`` of a file uploaded instead of kept, None for any other file."""
+    record = path.parent / UPLOADED_NAME
+    if path.exists() or not record.is_file():
+        return None
+    entry = json.loads(record.read_text()).get(path.name)
+    return dict(entry) if isinstance(entry, dict) else None
+
+
+def file_entry(path: Path) -> dict[str, Any]:
+    """A file's ``{"size", "sha256"}`` as the manifest lists it (an uploaded shard's as recorded)."""
+    return uploaded_entry(path) or {"size": path.stat().st_size, "sha256": sha256_of(path)}
+
+
 def copy_remote(files: list[Any], dst: Path) -> list[Path]:
     """Stream Hub files (:class:`~qconvert.remote.RemoteFile`) into ``dst``, nothing cached."""
     from .remote import copy_to

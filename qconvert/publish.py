@@ -357,7 +357,7 @@ def _same(local: LocalFile, sibling: Any) -> bool:
         if sha256 is None:
             sha256 = hashlib.sha256(local.data).hexdigest() if local.data is not None else sha256_of(local.path)  # type: ignore[arg-type]
         return remote == sha256
-    if sibling.blob_id is None:
+    if sibling.blob_id is None or (local.data is None and local.path is None):  # an uploaded shard is LFS
         return False
     data = local.data
     if data is None:
@@ -574,15 +574,23 @@ def _local_files(out: Path, manifest: dict[str, Any], card: str | None) -> dict[
     """Every file to publish, checked against the sizes qconvert.json recorded."""
     from .cards import CARD_NAME
 
+    from .output import uploaded_entry
+
     known = _manifest_hashes(manifest)
     names = local_files(out)
     if card is not None and CARD_NAME not in names:
         names = sorted([*names, CARD_NAME])
+    # shards uploaded while converting (a staging push): committed by their recorded sha256
+    uploaded = {n: e for n in sorted(set(known) - set(names)) if (e := uploaded_entry(out / n)) is not None}
+    names = sorted([*names, *uploaded])
     missing = sorted(set(known) - set(names))
     if missing:
         raise InputError(f"{out} is incomplete: {missing[0]} is listed in qconvert.json but missing", hint="convert again")
     target: dict[str, LocalFile] = {}
     for name in names:
+        if name in uploaded:
+            target[name] = LocalFile(int(uploaded[name]["size"]), str(uploaded[name]["sha256"]))
+            continue
         if name == CARD_NAME and card is not None:
             data = card.encode("utf-8")
         elif name in PUBLIC_FILES:  # local source paths reduced to folder/file names
@@ -647,6 +655,11 @@ def _commit(api: Any, out: Path, manifest: dict[str, Any], result: PushResult, t
     ops: list[Any] = []
     for f in result.uploads:
         local = target[f.path]
+        if local.path is None and local.data is None:  # uploaded while converting
+            from .uploads import uploaded_addition
+
+            ops.append(uploaded_addition(f.path, local.sha256, local.size))  # type: ignore[arg-type]
+            continue
         op = CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=str(local.path) if local.path is not None else local.data)
         if local.sha256 is not None and op.upload_info.sha256.hex() != local.sha256:
             raise InputError(f"{out / f.path} changed after conversion (its sha256 differs from qconvert.json)", hint="convert again")

@@ -27,6 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from . import faults
 from .errors import EXIT_VALIDATION, QConvertError, register_secret
 
 STAGING_BRANCH = "qconvert-staging"
@@ -85,16 +86,39 @@ def _stage_one(v: Any, job: Any, source: Any, log: Any) -> Any:
 
 
 def _convert_and_stage(v: Any, job: Any, source: Any, log: Any) -> str | None:
+    """Convert with every finished shard uploaded at once (and deleted), then ONE commit on the
+    staging branch that makes them visible."""
     import shutil
 
-    from .job import run
+    from .convert import convert
     from .publish import push
+    from .uploads import ShardUploader
 
-    result = run(job, source=source, checked=True)
+    _ensure_branch(v.repo_id, private=v.private, token=job.token, endpoint=job.endpoint)
+    sink = ShardUploader(v.repo_id, revision=STAGING_BRANCH, token=job.token, endpoint=job.endpoint,
+                         log=lambda msg: log(f"{v.name}: {msg}"))  # fmt: skip
+    result = convert(source, job.backend, job.scheme, job.out_dir, components=job.components, overwrite=job.overwrite,
+                     progress=job.progress, options=job.options, shard_sink=sink)  # fmt: skip
+    from .cards import render_card
+
+    render_card(result.out, license=job.license, token=job.token, endpoint=job.endpoint)  # says: not validated
+    faults.point("before-stage-commit")
     pushed = push(result.out, v.repo_id, token=job.token, endpoint=job.endpoint, private=v.private, branch=STAGING_BRANCH,
                   allow_unvalidated=True, info=lambda msg: log(f"{v.name}: {msg}"))  # fmt: skip
     shutil.rmtree(result.out)  # on the Hub now; the runner's disk is for the next variant
     return pushed.commit
+
+
+def _ensure_branch(repo_id: str, *, private: bool, token: str | None, endpoint: str | None) -> None:
+    """The repo and its staging branch, before the first shard is uploaded to them."""
+    from .publish import hub_error
+
+    api = _api(token, endpoint)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        api.create_branch(repo_id, branch=STAGING_BRANCH, exist_ok=True)
+    except Exception as e:  # noqa: BLE001
+        raise hub_error(e, f"creating {repo_id}@{STAGING_BRANCH}", repo_id=repo_id, endpoint=endpoint) from None
 
 
 # --- the GPU job: validate from staging, promote -------------------------------------------------
@@ -215,7 +239,9 @@ def promote(folder: Path, repo_id: str, head: str, *, collection: str | None, to
     commit = main.head
     if ops:
         log(f"promoting {repo_id}@{head[:12]} to main ({len(ops)} operation(s), nothing uploaded again)")
+        faults.point("before-promote-commit")
         commit = _commit_promotion(api, repo_id, ops, target, main, manifest, endpoint=endpoint, log=log)
+    faults.point("after-promote-commit")
     if collection:
         _collection(api, collection, repo_id, manifest, folder, endpoint=endpoint)
     _delete_staging(api, repo_id, endpoint=endpoint)

@@ -147,14 +147,18 @@ def convert(
     overwrite: bool = False,
     progress: bool = True,
     options: dict[str, Any] | None = None,
+    shard_sink: Any = None,
 ) -> ConvertResult:
-    """Convert ``source`` with one backend/scheme into the folder ``out`` (atomically)."""
+    """Convert ``source`` with one backend/scheme into the folder ``out`` (atomically);
+    ``shard_sink``: where a pipeline's finished shards go instead of staying in ``out``
+    (:class:`qconvert.uploads.ShardUploader`: uploaded, committed later by push)."""
     from ..memory import limit_heap_retention
 
     limit_heap_retention()
     options = dict(options or {})
     backend = get_backend(backend_name, scheme, **options)
     backend.check_environment()
+    backend.shard_sink = shard_sink
     out = Path(out)
     check_output(out.absolute(), overwrite=overwrite)
     components = source.family.resolve_components(components)

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 
 from .. import faults
 from ..errors import InputError, MissingDependency, UsageError, opt
+from ..output import record_uploaded
 from ..plan import CAST, KEEP, QUANTIZE, ComponentPlan, Policy, Rule, TensorPlan
 from ..sources import DTYPE_SIZES, FLOAT_DTYPES, Component, SourceTensor, TensorReader
 from .schedule import EncodedChunk, Scheduler, row_ranges
@@ -133,6 +134,8 @@ class Backend:
     # options it reads (CLI flags, release-plan ``options``, API keywords), and which are flags
     accepted_options: ClassVar[tuple[str, ...]] = ("jobs",)
     cli_flags: ClassVar[tuple[str, ...]] = ("jobs",)
+    # where finished shards go instead of staying on disk (qconvert.uploads.ShardUploader), if anywhere
+    shard_sink: Any = None
     extra: ClassVar[str] = ""  # pip extra that installs the library: pip install 'qconvert[<extra>]'
     import_names: ClassVar[tuple[str, ...]] = ()  # modules that must be importable to convert or load
     pip_package: ClassVar[str] = ""  # distribution on the card's install line
@@ -346,7 +349,11 @@ class Backend:
         # Room for the header: each source tensor adds at most ~1 KB of entries and metadata
         # (torchao's per-tensor JSON, bnb's six quant-state entries); 1.5 KB leaves margin.
         reserve = 4096 + 1536 * len(plan.tensors)
-        writer = ShardedSafetensorsWriter(folder, base_name, parse_size(shard), header_reserve=reserve)
+        # upload as you go (a staging push): a shard leaves the disk when full where its header's
+        # metadata is the default (known up front), else when the component ends
+        early = self.shard_metadata(comp.name) if type(self).shard_metadata is Backend.shard_metadata else None
+        writer = ShardedSafetensorsWriter(folder, base_name, parse_size(shard), header_reserve=reserve,
+                                          sink=self.shard_sink, early_metadata=early)  # fmt: skip
         self.begin_component(comp, facts)
         try:
             # closing(): on an error, stop the workers now, not when the generator is collected
@@ -358,6 +365,7 @@ class Backend:
                     del tensors
                     progress(tp.bytes_in)
             files = writer.finish(self.shard_metadata(comp.name))
+            record_uploaded(folder, writer.uploaded)
         except BaseException:
             writer.abort()
             raise

@@ -55,8 +55,17 @@ class _Shard:
 
 
 class ShardedSafetensorsWriter:
-    def __init__(self, folder: Path, base_name: str, max_shard_bytes: int, header_reserve: int = 1 << 20) -> None:
+    """Shards of one component. With a ``sink`` (upload as you go), each finished shard file is
+    handed to it and gone from the disk: ``sink(path) -> (sha256, size)`` uploads it (without
+    committing) and deletes it. A shard is finished when it is full if ``early_metadata`` (the
+    header's ``__metadata__``) is known before the last tensor, else when the component ends."""
+
+    def __init__(self, folder: Path, base_name: str, max_shard_bytes: int, header_reserve: int = 1 << 20,
+                 sink: Any = None, early_metadata: dict[str, str] | None = None) -> None:  # fmt: skip
         self.folder = Path(folder)
+        self.sink = sink
+        self.early_metadata = early_metadata
+        self._sunk: dict[int, tuple[str, int]] = {}  # shard index -> (sha256, size) handed to the sink
         self.base_name = base_name
         self.max_shard_bytes = max_shard_bytes
         self.header_reserve = -(-header_reserve // 8) * 8  # keep the data 8-byte aligned
@@ -96,6 +105,11 @@ class ShardedSafetensorsWriter:
         cur.fh.close()
         self._closed.append((cur.scratch, cur.entries))
         self._current = None
+        if self.sink is not None and self.early_metadata is not None:
+            # the bytes of the shard do not depend on its name (which needs the shard count)
+            idx = len(self._closed) - 1
+            ready = self._finalize(cur.scratch, cur.entries, self.early_metadata, cur.scratch.with_suffix(".ready"))
+            self._sunk[idx] = self.sink(ready)
 
     def finish(self, metadata: dict[str, str] | None = None) -> list[Path]:
         """Write the final shard files (and index); return their paths."""
@@ -104,36 +118,25 @@ class ShardedSafetensorsWriter:
         n = len(self._closed)
         if n == 0:
             raise ValueError("no tensors were written")
+        if self._sunk and metadata != self.early_metadata:
+            raise ValueError("shard metadata changed after shards were uploaded")
         files: list[Path] = []
         weight_map: dict[str, str] = {}
+        self.uploaded: dict[str, tuple[str, int]] = {}  # file name -> (sha256, size): not on disk
         for i, (scratch, entries) in enumerate(self._closed):
             fname = (
                 f"{self.base_name}.safetensors"
                 if n == 1
                 else f"{self.base_name}-{i + 1:05d}-of-{n:05d}.safetensors"
             )
-            header: dict[str, Any] = {}
-            if metadata:
-                header["__metadata__"] = dict(metadata)
-            for name, dtype, shape, start, end in entries:
-                header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [start, end]}
-                weight_map[name] = fname
-            raw = json.dumps(header, separators=(",", ":")).encode()
+            weight_map.update((name, fname) for name, *_ in entries)
             final = self.folder / fname
-            if len(raw) <= self.header_reserve:
-                raw += b" " * (self.header_reserve - len(raw))
-                with open(scratch, "r+b") as fh:
-                    fh.write(struct.pack("<Q", len(raw)))
-                    fh.write(raw)
-                os.replace(scratch, final)
-            else:  # the header outgrew its reservation: move the data once
-                raw += b" " * (-(len(raw)) % 8)
-                with open(final, "wb") as out, open(scratch, "rb") as src:
-                    out.write(struct.pack("<Q", len(raw)))
-                    out.write(raw)
-                    src.seek(8 + self.header_reserve)
-                    shutil.copyfileobj(src, out, 16 << 20)
-                os.unlink(scratch)
+            if i not in self._sunk:
+                self._finalize(scratch, entries, metadata, final)
+                if self.sink is not None:  # a header known only now: uploaded at the end
+                    self._sunk[i] = self.sink(final)
+            if i in self._sunk:
+                self.uploaded[fname] = self._sunk[i]
             files.append(final)
         if n > 1:
             index = {
@@ -144,6 +147,31 @@ class ShardedSafetensorsWriter:
             idx_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
             files.append(idx_path)
         return files
+
+    def _finalize(self, scratch: Path, entries: list[tuple[str, str, list[int], int, int]],
+                  metadata: dict[str, str] | None, final: Path) -> Path:  # fmt: skip
+        """Write the header into the scratch file and move it to ``final``."""
+        header: dict[str, Any] = {}
+        if metadata:
+            header["__metadata__"] = dict(metadata)
+        for name, dtype, shape, start, end in entries:
+            header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [start, end]}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        if len(raw) <= self.header_reserve:
+            raw += b" " * (self.header_reserve - len(raw))
+            with open(scratch, "r+b") as fh:
+                fh.write(struct.pack("<Q", len(raw)))
+                fh.write(raw)
+            os.replace(scratch, final)
+        else:  # the header outgrew its reservation: move the data once
+            raw += b" " * (-(len(raw)) % 8)
+            with open(final, "wb") as out, open(scratch, "rb") as src:
+                out.write(struct.pack("<Q", len(raw)))
+                out.write(raw)
+                src.seek(8 + self.header_reserve)
+                shutil.copyfileobj(src, out, 16 << 20)
+            os.unlink(scratch)
+        return final
 
     def abort(self) -> None:
         if self._current is not None:
