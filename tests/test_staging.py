@@ -8,6 +8,8 @@ import re
 
 import pytest
 
+from qconvert import faults
+from qconvert.faults import InjectedFault
 from qconvert.release import load_plan
 from qconvert.staging import STAGING_BRANCH, promote_release, stage_release
 
@@ -45,7 +47,17 @@ def _weight_puts(hub, repo_id: str, branch: str) -> int:
     return sum(1 for method, path, status in hub.requests if method == "PUT" and path.rsplit("/", 1)[-1] in oids and status == 200)
 
 
-def test_stage_then_promote_only_the_passing_variant(hub_env, plan, tmp_path):
+def _promote_killed(plan, tmp_path, args, kill, monkeypatch):
+    faults.reset()
+    monkeypatch.setenv("QCONVERT_KILL_AT", kill)
+    monkeypatch.setenv("QCONVERT_KILL_SIGNAL", "RAISE")  # a crash at that point, in-process
+    try:
+        promote_release(plan, only="good", workdir=tmp_path / "gpu", **args)
+    finally:
+        monkeypatch.delenv("QCONVERT_KILL_AT")
+
+
+def test_stage_then_promote_only_the_passing_variant(hub_env, plan, tmp_path, monkeypatch):
     hub = hub_env
     args = {"token": hub.token, "endpoint": hub.endpoint, "log": lambda m: None}
     good, bad = (v.repo_id for v in plan.variants)
@@ -64,9 +76,15 @@ def test_stage_then_promote_only_the_passing_variant(hub_env, plan, tmp_path):
     again = stage_release(plan, only=None, workdir=tmp_path / "work", **args)
     assert [r.status for r in again] == ["skipped", "skipped"] and hub.commit_count(good, branch=STAGING_BRANCH) == 2
 
+    # killed just before its commit: nothing on main; killed right after: main has it, but
+    # neither the collection item nor the branch's deletion happened yet
+    for kill in ("before-promote-commit", "after-promote-commit"):
+        with pytest.raises(InjectedFault):
+            _promote_killed(plan, tmp_path, args, kill, monkeypatch)
+        assert hub.commit_count(good) == (1 if kill.startswith("before") else 2)
     results = promote_release(plan, only=None, workdir=tmp_path / "gpu", **args)
     by = {r.name: r for r in results}
-    assert by["good"].status == "done" and by["bad"].status == "failed" and by["bad"].exit_code == 4
+    assert by["good"].status == "skipped" and by["bad"].status == "failed" and by["bad"].exit_code == 4
     assert "psnr" in by["bad"].detail and STAGING_BRANCH in by["bad"].detail
 
     # the passing variant: one commit on main, the staged weights referenced, not re-uploaded
