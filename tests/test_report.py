@@ -242,3 +242,20 @@ def test_gpu_and_cpu_figures_never_share_a_column(release, tmp_path):
     unmeasured = [c for r in data["rows"] for c in r["cells"].values() if c["text"] == "not measured"]
     assert unmeasured and all(c["value"] is None for c in unmeasured)
     assert len(list((tmp_path / "mixed" / "plots").glob("*.png"))) == 4  # two per setting
+
+
+def test_without_matplotlib_the_page_says_the_plots_were_not_drawn(release, tmp_path, monkeypatch):
+    from qconvert.report import build_report, plots
+
+    monkeypatch.setattr(plots, "available", lambda: False)
+    result = build_report([release], tmp_path / "r")
+    page = result.html.read_text()
+    assert "Plots not drawn: matplotlib is not installed (pip install &#39;qconvert[report]&#39;)" in page
+    assert not (tmp_path / "r" / "plots").exists() and "<img src=\"plots/" not in page
+    assert result.notes == ["Plots not drawn: matplotlib is not installed (pip install 'qconvert[report]')."]
+
+
+def test_offline_collection_is_one_line(tmp_path):
+    proc = invoke("report", "acme/some collection", "--out", str(tmp_path / "r"), env={"HF_HUB_OFFLINE": "1"})
+    assert_one_line_error(proc, code=3, contains="HF_HUB_OFFLINE is set")
+    assert not (tmp_path / "r").exists()

@@ -45,9 +45,14 @@ def find_collection(api: Any, spec: str, *, endpoint: str | None) -> Any:
 
     from ..publish import hub_error
 
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
     ns, rest = spec.split("/", 1)
     try:
         return api.get_collection(spec)
+    except OfflineModeIsEnabled:
+        raise InputError(f"{spec} is not a local folder, and HF_HUB_OFFLINE is set: reading a collection needs the Hub",
+                         hint="unset HF_HUB_OFFLINE, or pass a local folder") from None
     except HfHubHTTPError as e:
         if getattr(e.response, "status_code", None) not in (400, 404):
             raise hub_error(e, f"reading the collection {spec}", repo_id=spec, endpoint=endpoint) from None
