@@ -256,6 +256,7 @@ def test_without_matplotlib_the_page_says_the_plots_were_not_drawn(release, tmp_
 
 
 def test_offline_collection_is_one_line(tmp_path):
-    proc = invoke("report", "acme/some collection", "--out", str(tmp_path / "r"), env={"HF_HUB_OFFLINE": "1"})
+    # a fresh process: huggingface_hub reads HF_HUB_OFFLINE when it is imported
+    proc = run_cli("report", "acme/some collection", "--out", str(tmp_path / "r"), env={"HF_HUB_OFFLINE": "1"})
     assert_one_line_error(proc, code=3, contains="HF_HUB_OFFLINE is set")
     assert not (tmp_path / "r").exists()
