@@ -186,6 +186,7 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
 @click.option("--components", default=None, help="Comma list to quantize [transformer,text_encoder_2].")
 @click.option("--compute-dtype", default=None, help="bnb: compute dtype in the config, and the dtype a float32 source is written in [bfloat16].")
 @click.option("--layout", type=click.Choice(["bfl", "diffusers", "comfyui"]), default=None, help="gguf: tensor names, bfl or diffusers [bfl]; fp8: diffusers (layerwise casting), bfl (fp8r) or comfyui [diffusers].")
+@click.option("--gguf-search", type=click.Choice(["weighted", "reference"]), default=None, help="gguf: ggml's weighted search (all-ones importance matrix, lower error) or its reference path (llama.cpp's unweighted bytes) [weighted].")
 @click.option("--jobs", type=int, default=None, help="Tensors quantized in parallel [all cores]; never changes the output.")
 @click.option("--max-shard-size", default=None, help="Largest safetensors shard, e.g. 5GB [diffusers: 10GB].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
@@ -213,6 +214,7 @@ def flux(
     components: str | None,
     compute_dtype: str | None,
     layout: str | None,
+    gguf_search: str | None,
     jobs: int | None,
     max_shard_size: str | None,
     overwrite: bool,
@@ -242,7 +244,8 @@ def flux(
     stray = [flag for flag, value in push_only.items() if value is not None]
     if stray and not do_push:
         raise UsageError(f"{stray[0]} only applies with --push", hint=f"add --push, or drop {stray[0]}")
-    options = {"compute_dtype": compute_dtype, "layout": layout, "jobs": jobs, "max_shard_size": max_shard_size}
+    options = {"compute_dtype": compute_dtype, "layout": layout, "jobs": jobs, "max_shard_size": max_shard_size,
+               "gguf_search": gguf_search}  # fmt: skip
     target = PushTarget(repo_id, namespace, private, collection) if do_push else None
     job = Job(
         source, backend, scheme, out=out, revision=revision, base=base, source_file=source_file,

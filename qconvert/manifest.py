@@ -35,13 +35,18 @@ def library_versions(*extra: str) -> dict[str, str]:
     return dict(sorted(out.items()))
 
 
-def manifest_options(options: dict[str, Any], components: tuple[str, ...]) -> dict[str, Any]:
+def manifest_options(
+    options: dict[str, Any], components: tuple[str, ...], defaults: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The options as ``qconvert.json`` records them: those that change what is written.
 
     Options that change how fast, not what is written (``RUNTIME_OPTIONS``), stay out: the
-    manifest, like every other file, must not depend on them.
+    manifest, like every other file, must not depend on them. ``defaults`` (a backend's
+    ``recorded_defaults``) are recorded when not given, so an output says e.g. which GGUF
+    search wrote it even when the default did.
     """
-    opts = {k: v for k, v in sorted(options.items()) if v is not None and k not in RUNTIME_OPTIONS}
+    merged = {**(defaults or {}), **{k: v for k, v in options.items() if v is not None}}
+    opts = {k: v for k, v in sorted(merged.items()) if v is not None and k not in RUNTIME_OPTIONS}
     opts["components"] = list(components)
     return opts
 
@@ -84,7 +89,7 @@ def build_manifest(
         "backend": plan.backend,
         "scheme": plan.scheme,
         "layout": plan.layout,
-        "options": manifest_options(options, components),
+        "options": manifest_options(options, components, getattr(backend, "recorded_defaults", None)),
         "components": comps,
         "files": other,
         "bytes_in": plan.bytes_in,

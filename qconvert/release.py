@@ -280,6 +280,7 @@ def remote_is_current(repo_id: str, source_identity: SourceIdentity, v: Variant,
         return False
     except HfHubHTTPError:
         return False
+    from .convert import backend_class
     from .manifest import manifest_options
 
     try:
@@ -293,7 +294,8 @@ def remote_is_current(repo_id: str, source_identity: SourceIdentity, v: Variant,
         and remote.get("source") == source_identity.public().to_dict()  # published without local paths
         and remote.get("backend") == v.backend
         and remote.get("scheme") == v.scheme
-        and remote.get("options") == manifest_options(v.options, v.components)
+        and remote.get("options")
+        == manifest_options(v.options, v.components, backend_class(v.backend).recorded_defaults)
     )
 
 

@@ -136,6 +136,8 @@ class Backend:
     cli_flags: ClassVar[tuple[str, ...]] = ("jobs",)
     # where finished shards go instead of staying on disk (qconvert.uploads.ShardUploader), if anywhere
     shard_sink: Any = None
+    # values of options the manifest records even when not given (a default that changes bytes)
+    recorded_defaults: ClassVar[dict[str, Any]] = {}
     extra: ClassVar[str] = ""  # pip extra that installs the library: pip install 'qconvert[<extra>]'
     import_names: ClassVar[tuple[str, ...]] = ()  # modules that must be importable to convert or load
     pip_package: ClassVar[str] = ""  # distribution on the card's install line

@@ -69,7 +69,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from .. import __version__
 from ..families import flux
-from ..errors import InputError, NotAFluxModel, UsageError
+from ..errors import InputError, NotAFluxModel, UsageError, opt
 from ..identity import SourceIdentity
 from ..plan import CAST, KEEP, QUANTIZE, ComponentPlan, Policy, Rule, TensorPlan
 from ..sources import Component, FileSegment, SourceTensor, read_safetensors_header
@@ -129,6 +129,14 @@ FILE_TYPES: dict[str, int] = {
 }  # fmt: skip
 
 LAYOUTS = ("bfl", "diffusers")
+
+# How the quantized types are searched (option ``gguf_search``): "weighted" (default) is ggml's
+# importance-matrix search with all-ones weights, the path stable-diffusion.cpp's converter
+# takes (lower error: Q4_0 0.0592 vs 0.0651 rel. on its tensors); "reference" is ggml's
+# quantize_row_*_ref, byte-equal to llama.cpp's / gguf-py's unweighted output. Q8_0 has only
+# the one path. Implementation: convert/ggml_weighted.py (weighted), gguf-py and kquants.py.
+SEARCHES = ("weighted", "reference")
+WEIGHTED_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
 _DTYPE_TO_TYPE = {"F32": "F32", "F16": "F16", "BF16": "BF16"}
 
@@ -265,11 +273,13 @@ def _to_f32(raw: np.ndarray, src: str) -> np.ndarray:
     return np.ascontiguousarray(raw, dtype=np.float32)
 
 
-def encode_array(raw: np.ndarray, src: str, target: str) -> np.ndarray:
+def encode_array(raw: np.ndarray, src: str, target: str, search: str = "weighted") -> np.ndarray:
     """Encode rows of a source tensor as GGML type ``target``.
 
     ``raw`` holds the source values: float32 or float16, or bfloat16 as uint16 bits. The
-    result's bytes are the tensor data exactly as GGUF stores it.
+    result's bytes are the tensor data exactly as GGUF stores it. ``search`` (see
+    :data:`SEARCHES`): ``weighted`` = ggml's importance-matrix search with all-ones weights for
+    the types that have one (:data:`WEIGHTED_TYPES`), ``reference`` = ggml's ``*_ref`` bytes.
     """
     import numpy as np
 
@@ -287,6 +297,10 @@ def encode_array(raw: np.ndarray, src: str, target: str) -> np.ndarray:
     import gguf
 
     qtype = gguf.GGMLQuantizationType[target]
+    if search == "weighted" and target in WEIGHTED_TYPES:
+        from .ggml_weighted import quantize_weighted
+
+        return quantize_weighted(x, target)
     if target in K_TYPES:
         return _quantize_k(x, qtype)
     return gguf.quants.quantize(x, qtype)
@@ -357,8 +371,9 @@ class GGUFBackend(Backend):
         "Q3_K_S": "3.44-bit K-quant",
         "Q2_K": "2.63-bit K-quant",
     }
-    accepted_options = ("jobs", "layout", "pool")  # one .gguf file per model: no shards
-    cli_flags = ("jobs", "layout")
+    accepted_options = ("jobs", "layout", "pool", "gguf_search")  # one .gguf file per model: no shards
+    cli_flags = ("jobs", "layout", "gguf_search")
+    recorded_defaults: ClassVar[dict[str, Any]] = {"gguf_search": SEARCHES[0]}
     extra = "gguf"
     import_names = ("gguf",)
     pip_package = "gguf"
@@ -382,6 +397,13 @@ class GGUFBackend(Backend):
         if layout not in LAYOUTS:
             raise UsageError(f"unknown gguf layout {layout!r}", hint="choose bfl or diffusers")
         self.gguf_layout = layout
+        search = options.get("gguf_search") or SEARCHES[0]
+        if search not in SEARCHES:
+            raise UsageError(
+                f"unknown gguf search {search!r}",
+                hint=f"{opt('gguf_search', 'weighted')} (default) or {opt('gguf_search', 'reference')}",
+            )
+        self.gguf_search = search
         # "thread" (default) or "process": where chunks are encoded.
         self.pool = str(options.get("pool") or os.environ.get("QCONVERT_GGUF_POOL") or "thread")
         if self.pool not in ("thread", "process"):
@@ -483,7 +505,8 @@ class GGUFBackend(Backend):
     def encode_chunk(self, component: str, plan: TensorPlan, rows: Any) -> EncodedChunk:
         """Rows (torch) -> one part, the numpy array of their GGUF data, under the GGUF name."""
         raw, src = _raw_numpy(rows)
-        return EncodedChunk({str(plan.out_name or plan.name): encode_array(raw, src, str(plan.target))})
+        data = encode_array(raw, src, str(plan.target), search=self.gguf_search)
+        return EncodedChunk({str(plan.out_name or plan.name): data})
 
     def finish_tensor(self, component: str, plan: TensorPlan, chunks: list[EncodedChunk]) -> list[tuple[str, Any]]:
         # Only for a whole tensor in memory (encode): write_gguf streams the chunks instead.
@@ -500,6 +523,7 @@ class GGUFBackend(Backend):
             "general.quantization_version": (2, "UINT32"),
             "qconvert.version": (__version__, "STRING"),
             "qconvert.scheme": (self.scheme, "STRING"),
+            "qconvert.gguf_search": (self.gguf_search, "STRING"),
             "qconvert.source": (json.dumps(src, sort_keys=True), "STRING"),
         }
         if component == "transformer":
@@ -618,6 +642,7 @@ class GGUFBackend(Backend):
             "small tensors and the input/output layers kept in F32). The files hold only the quantized models: the "
             "VAE, the CLIP text encoder, the tokenizers and the configs come from the base pipeline."
         )
+        text += _search_sentence(manifest)
         from ..manifest import manifest_family
 
         t5 = manifest_family(manifest).t5()
@@ -708,6 +733,19 @@ class GGUFBackend(Backend):
             )  # fmt: skip
         pipe = fam.pipeline_type().from_pretrained(ref_root, dtype=dtype, **parts)
         return pipe if device == "cpu" else pipe.to(device)
+
+
+def _search_sentence(manifest: dict[str, Any]) -> str:
+    """The card's words for the recorded ``gguf_search`` (none for float/Q8_0 schemes, which
+    have one path, and for manifests from before the option)."""
+    search = (manifest.get("options") or {}).get("gguf_search")
+    main = SCHEME_TYPES.get(str(manifest.get("scheme")), ("F16", None))[0]
+    if main not in WEIGHTED_TYPES or search not in SEARCHES:
+        return ""
+    if search == "weighted":
+        return (" The blocks were searched with ggml's weighted quantizers and an all-ones importance matrix "
+                "(what stable-diffusion.cpp's converter does; lower error than ggml's reference path).")
+    return " The blocks were searched with ggml's reference quantizers (llama.cpp's unweighted bytes)."
 
 
 # --- segment helpers -------------------------------------------------------------------------------
