@@ -529,11 +529,13 @@ def _release_results(plan: Any, only: str | None, workdir: Path, *, push: bool, 
     from .errors import UsageError
     from .release import run_release
 
-    if sum((stage, promote, push)) > 1 or ((stage or promote) and dry_run):
+    if sum((stage, promote, push)) > 1 or (promote and dry_run):
         raise UsageError("--stage, --promote and --push are separate modes of a release", hint="pass one of them")
     if stage or promote:
         from . import staging
 
+        if stage and dry_run:  # what each staging job needs: download, disk, memory, time
+            return staging.stage_costs(plan, only=only, workdir=workdir, token=token, endpoint=hub_endpoint())
         if stage:
             return staging.stage_release(plan, only=only, workdir=workdir, token=token, endpoint=hub_endpoint(),
                                          log=state.info, progress=not state.quiet)  # fmt: skip

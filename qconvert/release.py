@@ -48,7 +48,10 @@ REPORT_NAME = "release-report.json"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _RELEASE_KEYS = {"source", "revision", "base", "namespace", "collection", "repo_pattern", "private",
                  "components", "device", "thresholds", "license"}  # fmt: skip
-_VARIANT_KEYS = {"name", "backend", "scheme", "components", "thresholds", "options", "repo_id", "private"}
+_VARIANT_KEYS = {"name", "backend", "scheme", "components", "thresholds", "options", "repo_id", "private", "runner"}
+# where a variant's staging job runs: GitHub's standard runner, or the workflow's large-runner
+# input for one that does not fit there (`qconvert release PLAN --stage --dry-run` says which)
+RUNNER_KINDS = ("standard", "large")
 
 
 @dataclass
@@ -61,9 +64,11 @@ class Variant:
     options: dict[str, Any] = field(default_factory=dict)
     thresholds: dict[str, Any] = field(default_factory=dict)
     private: bool = False
+    runner: str = "standard"
 
     def matrix_entry(self) -> dict[str, Any]:
-        return {"name": self.name, "backend": self.backend, "scheme": self.scheme, "repo_id": self.repo_id}
+        return {"name": self.name, "backend": self.backend, "scheme": self.scheme, "repo_id": self.repo_id,
+                "runner": self.runner}  # fmt: skip
 
 
 @dataclass
@@ -211,8 +216,11 @@ def _variant(path: Path, text: str, rel: dict[str, Any], rv: dict[str, Any], i: 
         raise _plan_error(path, text, f"variant {name!r}: {e.message} ({e.hint})", "options", i) from None
     _check_thresholds(path, text, rv.get("thresholds", {}), f"variant {name!r} thresholds", i)
     thresholds = {**rel.get("thresholds", {}), **rv.get("thresholds", {})}
+    runner = rv.get("runner", "standard")
+    if runner not in RUNNER_KINDS:
+        raise _plan_error(path, text, f"variant {name!r}: runner must be one of {', '.join(RUNNER_KINDS)}", "runner", i)
     return Variant(name, backend, scheme, repo_id, components, dict(options), thresholds,
-                   bool(rv.get("private", rel.get("private", False))))  # fmt: skip
+                   bool(rv.get("private", rel.get("private", False))), runner)  # fmt: skip
 
 
 def _repo_id(path: Path, text: str, rel: dict[str, Any], rv: dict[str, Any], i: int) -> str:

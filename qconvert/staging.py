@@ -57,15 +57,44 @@ def stage_release(plan: Any, *, only: str | None, workdir: Path, token: str | No
     from .job import check, check_source, resolve
     from .release import variant_job
 
-    variants = plan.select(only)
-    jobs = [(v, check(replace(variant_job(plan, v, workdir=Path(workdir), push=False, token=token,
-                                          endpoint=endpoint, progress=progress), validate=False, card=False)))
-            for v in variants]  # fmt: skip
-    source = resolve(jobs[0][1])
-    for _, job in jobs:
-        check_source(job, source)
+    jobs, source, costs = _staged_jobs(plan, only, workdir=Path(workdir), token=token, endpoint=endpoint, progress=progress)
+    from .costs import check_fits
+
+    for (v, _), c in zip(jobs, costs):  # every variant, before the first weight is read
+        log(f"{v.name}: {c.line()}")
+        check_fits(v.name, c, Path(workdir))
     Path(workdir).mkdir(parents=True, exist_ok=True)
     return [_stage_one(v, job, source, log) for v, job in jobs]
+
+
+def _staged_jobs(plan: Any, only: str | None, *, workdir: Path, token: str | None, endpoint: str | None,
+                 progress: bool = False) -> tuple[list[tuple[Any, Any]], Any, list[Any]]:  # fmt: skip
+    """(variant, checked job) pairs, the source (streamed: headers and small files only) and
+    each variant's :class:`~qconvert.costs.Costs` on the standard runner."""
+    from .convert import get_backend
+    from .costs import estimate
+    from .job import check, check_source, plan_of, resolve
+    from .release import variant_job
+
+    jobs = [(v, check(replace(variant_job(plan, v, workdir=workdir, push=False, token=token, endpoint=endpoint,
+                                          progress=progress), validate=False, card=False)))
+            for v in plan.select(only)]  # fmt: skip
+    source = resolve(jobs[0][1])
+    costs = []
+    for v, job in jobs:
+        check_source(job, source)
+        backend = get_backend(job.backend, job.scheme, **job.options)
+        costs.append(estimate(plan_of(job, source), backend, streamed=source.kind == "hub", staged=True, runner=v.runner))
+    return jobs, source, costs
+
+
+def stage_costs(plan: Any, *, only: str | None, workdir: Path, token: str | None, endpoint: str | None) -> list[Any]:
+    """``--stage --dry-run``: what each variant's staging job needs (nothing written but the
+    Hub cache's small files), as release results."""
+    from .release import VariantResult
+
+    jobs, _, costs = _staged_jobs(plan, only, workdir=Path(workdir), token=token, endpoint=endpoint)
+    return [VariantResult(v.name, v.repo_id, "dry-run", c.line()) for (v, _), c in zip(jobs, costs)]
 
 
 def _stage_one(v: Any, job: Any, source: Any, log: Any) -> Any:
