@@ -478,12 +478,13 @@ def _summary_table(summary: dict[str, Any]) -> str:
 @click.option("--dry-run", is_flag=True, help="Print what would run and stop.")
 @click.option("--push", is_flag=True, help="Push each validated variant to the Hub.")
 @click.option("--stage", is_flag=True, help="Convert (no validation) and push each variant to its repo's qconvert-staging branch.")
-@click.option("--promote", is_flag=True, help="Validate each staged variant from the Hub; promote the passing ones to main.")
+@click.option("--validate-staged", is_flag=True, help="Validate each staged variant as downloaded from the Hub (GPU runner).")
+@click.option("--promote", is_flag=True, help="Promote each staged variant that passed validation to main (no upload).")
 @click.option("--workdir", type=click.Path(path_type=Path), default=None, help="Outputs and resumable state [release-<plan>].")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.pass_obj
 def release_cmd(state: State, plan_file: Path, only: str | None, as_matrix: bool, dry_run: bool, push: bool,
-                stage: bool, promote: bool, workdir: Path | None, as_json: bool) -> None:
+                stage: bool, validate_staged: bool, promote: bool, workdir: Path | None, as_json: bool) -> None:
     """Run a release plan: convert, validate, card and push many variants.
 
     \b
@@ -494,8 +495,8 @@ def release_cmd(state: State, plan_file: Path, only: str | None, as_matrix: bool
     Re-running continues where an interrupted run stopped; variants already on the Hub
     with the same source revision and qconvert version are skipped. A failed variant
     does not stop the others; the exit code is the first failure's (4 validation, 5 push).
-    --stage (CPU runners) and then --promote (one GPU runner) split a release: nothing
-    reaches main unvalidated, and promoting uploads nothing again.
+    --stage (CPU runners), --validate-staged (one GPU runner) and --promote split a release:
+    nothing reaches main unvalidated, and promoting uploads nothing again.
     """
     from .release import load_plan, matrix, summary_table
 
@@ -506,8 +507,8 @@ def release_cmd(state: State, plan_file: Path, only: str | None, as_matrix: bool
     _quiet_libraries(state.verbose)
     token = hub_token()
     workdir = workdir or Path(f"release-{plan_file.stem}")
-    results = _release_results(plan, only, workdir, push=push, dry_run=dry_run, stage=stage, promote=promote,
-                               token=token, state=state)  # fmt: skip
+    modes = {"push": push, "stage": stage, "validate_staged": validate_staged, "promote": promote}
+    results = _release_results(plan, only, workdir, modes=modes, dry_run=dry_run, token=token, state=state)
     if as_json:
         from dataclasses import asdict
 
@@ -523,24 +524,29 @@ def release_cmd(state: State, plan_file: Path, only: str | None, as_matrix: bool
         raise error
 
 
-def _release_results(plan: Any, only: str | None, workdir: Path, *, push: bool, dry_run: bool, stage: bool,
-                     promote: bool, token: str | None, state: State) -> list[Any]:  # fmt: skip
-    """One of the release's modes: all in one (run_release), stage, or promote."""
+def _release_results(plan: Any, only: str | None, workdir: Path, *, modes: dict[str, bool], dry_run: bool,
+                     token: str | None, state: State) -> list[Any]:  # fmt: skip
+    """One of the release's modes: all in one (run_release, ``--push``), stage, validate-staged, promote."""
     from .errors import UsageError
     from .release import run_release
 
-    if sum((stage, promote, push)) > 1 or (promote and dry_run):
-        raise UsageError("--stage, --promote and --push are separate modes of a release", hint="pass one of them")
-    if stage or promote:
+    chosen = [m for m, on in modes.items() if on]
+    if len(chosen) > 1 or (dry_run and chosen and chosen[0] in ("validate_staged", "promote")):
+        raise UsageError("--push, --stage, --validate-staged and --promote are separate modes of a release", hint="pass one of them")
+    hub = {"only": only, "token": token, "endpoint": hub_endpoint()}
+    if modes["stage"]:
         from . import staging
 
-        if stage and dry_run:  # what each staging job needs: download, disk, memory, time
-            return staging.stage_costs(plan, only=only, workdir=workdir, token=token, endpoint=hub_endpoint())
-        if stage:
-            return staging.stage_release(plan, only=only, workdir=workdir, token=token, endpoint=hub_endpoint(),
-                                         log=state.info, progress=not state.quiet)  # fmt: skip
-        return staging.promote_release(plan, only=only, workdir=workdir, token=token, endpoint=hub_endpoint(), log=state.info)
-    return run_release(plan, only=only, workdir=workdir, push=push, dry_run=dry_run, token=token,
+        if dry_run:  # what each staging job needs: download, disk, memory, time
+            return staging.stage_costs(plan, workdir=workdir, **hub)
+        return staging.stage_release(plan, workdir=workdir, log=state.info, progress=not state.quiet, **hub)
+    if modes["validate_staged"] or modes["promote"]:
+        from . import promote
+
+        if modes["validate_staged"]:
+            return promote.validate_release(plan, workdir=workdir, log=state.info, **hub)
+        return promote.promote_release(plan, log=state.info, **hub)
+    return run_release(plan, only=only, workdir=workdir, push=modes["push"], dry_run=dry_run, token=token,
                        endpoint=hub_endpoint(), log=state.info, progress=not state.quiet)  # fmt: skip
 
 

@@ -1,5 +1,6 @@
-"""Convert here, validate there: variants staged on a branch, validated from the Hub, and only
-the passing ones promoted to main, by a commit that uploads no weight again (test Hub)."""
+"""Convert here, validate there: variants staged on a branch (stage), validated as downloaded
+from it (validate-staged), and only the passing ones promoted to main by a commit that uploads
+no weight again (promote); each step killed and re-run (test Hub)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import re
 
 import pytest
 
+VALIDATION = "validation.json"
+
 from qconvert import faults
 from qconvert.faults import InjectedFault
 from qconvert.release import load_plan
-from qconvert.staging import STAGING_BRANCH, promote_release, stage_release
+from qconvert.promote import promote_release, validate_release
+from qconvert.staging import STAGING_BRANCH, stage_release
 
 PLAN = """
 [release]
@@ -47,12 +51,13 @@ def _weight_puts(hub, repo_id: str, branch: str) -> int:
     return sum(1 for method, path, status in hub.requests if method == "PUT" and path.rsplit("/", 1)[-1] in oids and status == 200)
 
 
-def _promote_killed(plan, tmp_path, args, kill, monkeypatch):
+def _killed(step, kill, monkeypatch):
     faults.reset()
     monkeypatch.setenv("QCONVERT_KILL_AT", kill)
     monkeypatch.setenv("QCONVERT_KILL_SIGNAL", "RAISE")  # a crash at that point, in-process
     try:
-        promote_release(plan, only="good", workdir=tmp_path / "gpu", **args)
+        with pytest.raises(InjectedFault):
+            step()
     finally:
         monkeypatch.delenv("QCONVERT_KILL_AT")
 
@@ -76,13 +81,23 @@ def test_stage_then_promote_only_the_passing_variant(hub_env, plan, tmp_path, mo
     again = stage_release(plan, only=None, workdir=tmp_path / "work", **args)
     assert [r.status for r in again] == ["skipped", "skipped"] and hub.commit_count(good, branch=STAGING_BRANCH) == 2
 
-    # killed just before its commit: nothing on main; killed right after: main has it, but
-    # neither the collection item nor the branch's deletion happened yet
-    for kill in ("before-promote-commit", "after-promote-commit"):
-        with pytest.raises(InjectedFault):
-            _promote_killed(plan, tmp_path, args, kill, monkeypatch)
-        assert hub.commit_count(good) == (1 if kill.startswith("before") else 2)
-    results = promote_release(plan, only=None, workdir=tmp_path / "gpu", **args)
+    # the GPU job: killed before it commits its measurements, then run again
+    _killed(lambda: validate_release(plan, only="good", workdir=tmp_path / "gpu", **args), "before-validation-commit", monkeypatch)
+    assert VALIDATION not in hub.files(good, revision=STAGING_BRANCH)
+    checked = {r.name: r for r in validate_release(plan, only=None, workdir=tmp_path / "gpu", **args)}
+    assert checked["good"].status == "validated" and checked["bad"].status == "failed" and checked["bad"].exit_code == 4
+    assert hub.commit_count(good) == 1 and hub.commit_count(good, branch=STAGING_BRANCH) == 3  # + measurements
+    again = validate_release(plan, only=None, workdir=tmp_path / "gpu", **args)
+    assert "earlier run" in again[0].detail and hub.commit_count(good, branch=STAGING_BRANCH) == 3
+
+    # promote: killed just before its commit (nothing on main), right after (main has it,
+    # not the collection item nor the branch's deletion), then run again
+    promote = lambda: promote_release(plan, only="good", **args)  # noqa: E731
+    _killed(promote, "before-promote-commit", monkeypatch)
+    assert hub.commit_count(good) == 1
+    _killed(promote, "after-promote-commit", monkeypatch)
+    assert hub.commit_count(good) == 2
+    results = promote_release(plan, only=None, **args)
     by = {r.name: r for r in results}
     assert by["good"].status == "skipped" and by["bad"].status == "failed" and by["bad"].exit_code == 4
     assert "psnr" in by["bad"].detail and STAGING_BRANCH in by["bad"].detail
@@ -94,7 +109,9 @@ def test_stage_then_promote_only_the_passing_variant(hub_env, plan, tmp_path, mo
         if path.endswith(".safetensors"):
             assert main[path]["sha256"] == meta["sha256"]
     assert _weight_puts(hub, good, "main") == uploaded
-    assert json.loads(hub.read_file(good, "validation.json"))["passed"] is True
+    assert json.loads(hub.read_file(good, VALIDATION))["passed"] is True
+    card = hub.read_file(good, "README.md").decode()
+    assert f'"{good}"' in card and str(tmp_path) not in card  # the snippet loads the repo, no local path
     assert "README.md" in main and any(p.startswith("samples/") for p in main)
     assert STAGING_BRANCH not in [b["name"] for b in hub._repo(good).git.refs()["branches"]]
     # the failing one: never on main; its validation.json on the staging branch
@@ -107,5 +124,5 @@ def test_stage_then_promote_only_the_passing_variant(hub_env, plan, tmp_path, mo
     assert len(list(coll)) == 1
     assert not list(HfApi(endpoint=hub.endpoint, token=hub.token).list_collections(owner="alice", item=f"models/{bad}"))
 
-    rerun = promote_release(plan, only="good", workdir=tmp_path / "gpu", **args)
+    rerun = promote_release(plan, only="good", **args)
     assert [r.status for r in rerun] == ["skipped"] and hub.commit_count(good) == 2
