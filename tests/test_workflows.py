@@ -69,3 +69,64 @@ def test_shipped_plans_load(plan):
 
     p = load_plan(plan)
     assert p.variants and len({v.name for v in p.variants}) == len(p.variants)
+
+
+def _release_workflow() -> dict:
+    import yaml
+
+    return yaml.safe_load((REPO_ROOT / ".github" / "workflows" / "release.yml").read_text())
+
+
+def _runs(job: dict) -> str:
+    return "\n".join(step.get("run", "") for step in job["steps"])
+
+
+def test_release_graph_converts_on_stock_runners_validates_on_the_gpu_then_promotes():
+    jobs = _release_workflow()["jobs"]
+    assert set(jobs) == {"plan", "convert", "validate", "promote"}
+    assert jobs["convert"]["needs"] == "plan"
+    assert set(jobs["validate"]["needs"]) == {"plan", "convert"} and set(jobs["promote"]["needs"]) == {"plan", "validate"}
+    # each job runs its own mode of `qconvert release`, and only that one
+    modes = {"convert": "--stage", "validate": "--validate-staged", "promote": "--promote"}
+    for job, mode in modes.items():
+        text = _runs(jobs[job])
+        assert f'qconvert release "$PLAN"' in text and mode in text, job
+        assert not any(other in text.split() for other in set(modes.values()) - {mode}), job
+    assert "--push" not in json.dumps(jobs)  # nothing is published but by promotion
+    # stock runners convert (a variant marked large goes to the large-runner input), the GPU
+    # runner validates, and the convert job shows what it needs before it downloads anything
+    assert "matrix.variant.runner == 'large'" in jobs["convert"]["runs-on"] and "'ubuntu-24.04'" in jobs["convert"]["runs-on"]
+    assert "inputs.gpu-runner" in jobs["validate"]["runs-on"]
+    steps = [s.get("run", "") for s in jobs["convert"]["steps"]]
+    dry = next(i for i, s in enumerate(steps) if "--stage --dry-run" in s)
+    real = next(i for i, s in enumerate(steps) if "--stage --workdir" in s)
+    assert dry < real
+    # validation and promotion also run when some conversions failed; a dry run publishes nothing
+    for job in ("validate", "promote"):
+        assert "always()" in jobs[job]["if"] and "!inputs.dry-run" in jobs[job]["if"]
+    help_text = run_cli("release", "--help").stdout
+    for flag in ("--stage", "--validate-staged", "--promote", "--dry-run", "--only", "--workdir"):
+        assert flag in help_text
+
+
+def test_release_jobs_inputs_and_outputs_fit_the_matrix():
+    from qconvert.release import load_plan
+
+    wf = _release_workflow()
+    jobs = wf["jobs"]
+    plan_path = REPO_ROOT / "releases" / "flux1-dev.toml"
+    matrix = run_cli("release", str(plan_path), "--matrix").stdout.strip()
+    variants = json.loads(matrix)
+    # the plan job's `only` output, computed by its own step from the matrix it emits
+    step = next(s["run"] for s in jobs["plan"]["steps"] if s.get("id") == "matrix")
+    one_liner = re.search(r"python -c '([^']+)'", step).group(1)
+    only = subprocess.run([sys.executable, "-c", one_liner, matrix], capture_output=True, text=True, check=True).stdout.strip()
+    assert only.split(",") == [v["name"] for v in variants]
+    assert [v.name for v in load_plan(plan_path).select(only)] == only.split(",")
+    assert set(jobs["plan"]["outputs"]) == {"matrix", "only"}
+    for job in ("validate", "promote"):
+        assert "needs.plan.outputs.only" in json.dumps(jobs[job])
+    # every runner kind in the matrix is one the convert job routes
+    assert {v["runner"] for v in variants} <= {"standard", "large"}
+    # YAML 1.1 reads the key `on` as True
+    assert {"gpu-runner", "large-runner", "dry-run", "plan", "variants"} <= set(wf[True]["workflow_dispatch"]["inputs"])
