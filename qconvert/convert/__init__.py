@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,9 +150,11 @@ def convert(
     options: dict[str, Any] | None = None,
     shard_sink: Any = None,
 ) -> ConvertResult:
+    reader: Any = None,
     """Convert ``source`` with one backend/scheme into the folder ``out`` (atomically);
     ``shard_sink``: where a pipeline's finished shards go instead of staying in ``out``
-    (:class:`qconvert.uploads.ShardUploader`: uploaded, committed later by push)."""
+    (:class:`qconvert.uploads.ShardUploader`: uploaded, committed later by push); ``reader``:
+    a reader shared with conversions running beside this one (:func:`convert_many`)."""
     from ..memory import limit_heap_retention
 
     limit_heap_retention()
@@ -166,6 +169,8 @@ def convert(
     check_disk_space(out.absolute(), plan.bytes_out)
     faults.point("after-plan")
 
+    if reader is not None:
+        reader.expect(_planned_reads(source, plan, facts, backend))
     from tqdm.auto import tqdm
 
     total = sum(c.bytes_in for c in plan.components if c.action == "quantize")
@@ -174,7 +179,7 @@ def convert(
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=not progress, leave=False)
         try:
             # One scheduler (and worker pool) for the whole conversion, whatever the container.
-            with TensorReader() as reader, backend.scheduler(reader, _check_finite) as scheduler:
+            with _reader(reader) as reader, backend.scheduler(reader, _check_finite) as scheduler:
                 if backend.container == PIPELINE_FOLDER:
                     written = _write_pipeline(source, plan, facts, backend, tmp, scheduler, bar.update, seconds)
                 else:
@@ -188,6 +193,21 @@ def convert(
 
 
 def _write_pipeline(
+def _reader(shared: Any) -> Any:
+    """A new reader (closed at the end), or the shared one (closed by its owner)."""
+    return TensorReader() if shared is None else contextlib.nullcontext(shared)
+
+
+def _planned_reads(source: Source, plan: Plan, facts: dict[str, Any], backend: Any) -> list[Any]:
+    """The source tensors a conversion will read (a shared reader counts its readers)."""
+    reads = []
+    for cp in plan.components:
+        if cp.action == "quantize" and cp.name in facts:
+            comp = source.components[cp.name]
+            reads += [src for _, src in backend.planned_sources(comp, facts[cp.name], cp)]
+    return reads
+
+
     source: Source,
     plan: Plan,
     facts: dict[str, Any],

@@ -250,18 +250,17 @@ class BitsAndBytesBackend(Backend):
             return super().encode_chunk(component, plan, rows)
         if rows.dim() != 2:
             raise ValueError(f"{plan.name}: a Linear weight must be 2-D, got shape {tuple(rows.shape)}")
-        import bitsandbytes.functional as F
-        import torch
+        from . import kernels
 
+        # kernels.* return exactly what bitsandbytes' own int8_vectorwise_quant (of the float16
+        # values: Int8Params quantizes from float16) and quantize_4bit return (tests/test_kernels.py)
         w = self._quant_input(rows).contiguous()
         if not self.is_4bit:
-            cb, scb, _ = F.int8_vectorwise_quant(w.to(torch.float16))  # Int8Params quantizes from float16
+            cb, scb = kernels.quantize_int8(w)
             return EncodedChunk({"cb": cb, "scb": scb})
         quant_type, _ = _4BIT[self.scheme]
-        q, st = F.quantize_4bit(
-            w, blocksize=BLOCKSIZE, compress_statistics=False, quant_type=quant_type, quant_storage=torch.uint8
-        )
-        return EncodedChunk({"q": q, "absmax": st.absmax})
+        q, absmax = kernels.quantize_4bit(w, quant_type)
+        return EncodedChunk({"q": q, "absmax": absmax})
 
     def finish_tensor(self, component: str, plan: TensorPlan, chunks: list[EncodedChunk]) -> list[tuple[str, Any]]:
         """Join the row chunks into the serialized layout of one Linear, in save order."""

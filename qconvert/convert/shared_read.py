@@ -1,0 +1,193 @@
+"""One read of the source for many variants: conversions that run side by side share reads.
+
+``qconvert flux --scheme a,b,c`` and ``qconvert release`` encode one source several ways. Run
+one after the other, each conversion reads (and, cold, fetches from disk or the network) the
+whole source again: a 33 GB FLUX.1-dev + T5-XXL source is read eight times for the eight
+variants of ``releases/flux1-dev.toml``, on a machine whose page cache cannot hold it.
+
+Here the variants' conversions run at the same time, each on its own thread with its own
+scheduler, and read through one :class:`SharedReader`. The first conversion to ask for a
+tensor reads it whole from the underlying reader; the others get rows of that copy. A tensor
+is dropped as soon as every conversion that plans to read it has finished reading it (the
+planned readers are counted up front), and the copies held are bounded by ``budget`` bytes:
+a conversion that runs ahead waits while the budget is full of tensors the others have not
+reached yet — unless it is the one they all wait for, in which case it reads uncached
+(never a deadlock; only some repeated reads). The outputs are those of separate runs, byte
+for byte: a chunk is the same rows of the same tensor whichever reader produced it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_BUDGET = 1 << 30  # bytes of whole tensors held for the conversions still behind
+
+
+def _key(tensor: Any) -> tuple[Any, ...]:
+    """The identity of a source tensor: where its bytes come from (segments) and its shape."""
+    segs = tuple((str(s.path), s.key, getattr(s, "start", None), getattr(s, "stop", None)) for s in tensor.segments)
+    return (segs, tuple(tensor.shape), tensor.dtype)
+
+
+@dataclass
+class _Entry:
+    readers: int  # conversions planned to read this tensor that have not finished it
+    value: Any = None
+    nbytes: int = 0
+    loading: bool = False
+    done_by: set[int] = field(default_factory=set)
+
+
+class SharedReader:
+    """A ``TensorReader`` for several conversions at once (see the module docstring).
+
+    ``expect(tensors)`` is called once per conversion before it starts, with the source
+    tensors it will read; ``finished(tensor)`` by a conversion when it read a tensor's last
+    rows (the scheduler's last chunk). Counts: ``bytes_read`` (underlying reads),
+    ``bytes_served`` (what the conversions asked for).
+    """
+
+    def __init__(self, reader: Any, budget: int = DEFAULT_BUDGET) -> None:
+        self.reader = reader
+        self.budget = budget
+        self.bytes_read = 0
+        self.bytes_served = 0
+        self._entries: dict[tuple[Any, ...], _Entry] = {}
+        self._held = 0
+        self._cond = threading.Condition()
+
+    def expect(self, tensors: Iterable[Any]) -> None:
+        with self._cond:
+            for t in {_key(t): t for t in tensors}:
+                entry = self._entries.setdefault(t, _Entry(readers=0))
+                entry.readers += 1
+
+    def __getattr__(self, name: str) -> Any:  # verify(), close() … of the underlying reader
+        return getattr(self.reader, name)
+
+    def load(self, tensor: Any, rows: tuple[int, int] | None = None) -> Any:
+        key = _key(tensor)
+        whole = self._whole(key, tensor)
+        if whole is None:  # not shared (one reader, or over budget): read as a plain reader would
+            part = self.reader.load(tensor, rows=rows)
+            with self._cond:
+                self.bytes_read += part.numel() * part.element_size()
+        else:
+            part = whole if rows is None else whole[rows[0] : rows[1]]
+        with self._cond:
+            self.bytes_served += part.numel() * part.element_size()
+        return part
+
+    def finished(self, tensor: Any, reader_id: int) -> None:
+        """Conversion ``reader_id`` will not read ``tensor`` again: drop it when nobody will."""
+        with self._cond:
+            entry = self._entries.get(_key(tensor))
+            if entry is None or reader_id in entry.done_by:
+                return
+            entry.done_by.add(reader_id)
+            entry.readers -= 1
+            if entry.readers <= 0 and entry.value is not None:
+                self._held -= entry.nbytes
+                entry.value = None
+                self._cond.notify_all()
+
+    def _whole(self, key: tuple[Any, ...], tensor: Any) -> Any:
+        with self._cond:
+            entry = self._entries.get(key)
+            if entry is None or entry.readers <= 1 and entry.value is None:
+                return None
+            while entry.loading:
+                self._cond.wait()
+            if entry.value is not None:
+                return entry.value
+            nbytes = tensor.nbytes
+            if nbytes > self.budget:
+                return None
+            while self._held + nbytes > self.budget and self._held > 0:
+                if not self._cond.wait(timeout=0.5):
+                    return None  # the others are behind this one: read uncached rather than wait
+            entry.loading = True
+            self._held += nbytes
+        try:
+            value = self.reader.load(tensor)
+        except BaseException:
+            with self._cond:
+                entry.loading = False
+                self._held -= nbytes
+                self._cond.notify_all()
+            raise
+        with self._cond:
+            entry.value, entry.nbytes, entry.loading = value, nbytes, False
+            self.bytes_read += nbytes
+            self._cond.notify_all()
+        return value
+
+    def view(self, reader_id: int) -> _View:
+        """The reader one conversion uses: it tells the shared reader when it read a
+        tensor's last rows."""
+        return _View(self, reader_id)
+
+
+class _View:
+    def __init__(self, shared: SharedReader, reader_id: int) -> None:
+        self.shared, self.reader_id = shared, reader_id
+
+    def expect(self, tensors: Iterable[Any]) -> None:
+        self.shared.expect(tensors)
+
+    def load(self, tensor: Any, rows: tuple[int, int] | None = None) -> Any:
+        part = self.shared.load(tensor, rows)
+        if rows is None or not tensor.shape or rows[1] >= tensor.shape[0]:
+            self.shared.finished(tensor, self.reader_id)
+        return part
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.shared.reader, name)
+
+
+@dataclass
+class Variant:
+    """One output of :func:`convert_many`: what :func:`qconvert.convert.convert` takes."""
+
+    backend: str
+    scheme: str
+    out: Any
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def convert_many(source: Any, variants: list[Variant], *, components: tuple[str, ...], overwrite: bool = False,
+                 budget: int = DEFAULT_BUDGET) -> tuple[list[Any], dict[str, int]]:  # fmt: skip
+    """Convert ``source`` into every variant at once, reading it once (see the module
+    docstring). Returns each variant's ``ConvertResult`` or the exception it raised, in
+    order, and the read counts. Each output is atomic on its own, as with ``convert``."""
+    import torch
+
+    from ..sources import TensorReader
+    from . import convert
+
+    results: list[Any] = [None] * len(variants)
+    threads = torch.get_num_threads()
+    with TensorReader() as base:
+        shared = SharedReader(base, budget)
+
+        def one(i: int, v: Variant) -> None:
+            try:
+                options = {**v.options, "jobs": v.options.get("jobs") or max(1, threads // len(variants))}
+                results[i] = convert(source, v.backend, v.scheme, v.out, components=components, overwrite=overwrite,
+                                     progress=False, options=options, reader=shared.view(i))  # fmt: skip
+            except BaseException as e:  # noqa: BLE001 - handed back to the caller, in order
+                results[i] = e
+
+        workers = [threading.Thread(target=one, args=(i, v), name=f"qconvert-variant-{i}") for i, v in enumerate(variants)]
+        torch.set_num_threads(max(1, threads // len(variants)))
+        try:
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+        finally:
+            torch.set_num_threads(threads)
+    return results, {"bytes_read": shared.bytes_read, "bytes_served": shared.bytes_served}

@@ -1,0 +1,89 @@
+"""qconvert.convert.shared_read: several variants from one read, byte-identical to single runs."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from qconvert.convert import convert
+from qconvert.convert.shared_read import SharedReader, Variant, convert_many
+from qconvert.sources import TensorReader, resolve_source
+
+VARIANTS = [("bnb", "nf4"), ("bnb", "int8"), ("torchao", "int8wo"), ("gguf", "Q8_0")]
+COMPONENTS = ("transformer", "text_encoder_2")
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def singles(tmp_path_factory):
+    """Each variant converted alone, as `qconvert flux` does."""
+    root = tmp_path_factory.mktemp("singles")
+    src = resolve_source("tiny-flux")
+    return {
+        (b, s): _digests(convert(src, b, s, root / f"{b}-{s}", components=COMPONENTS, progress=False).out)
+        for b, s in VARIANTS
+    }
+
+
+def test_convert_many_equals_single_runs_and_reads_less(tmp_path, singles):
+    src = resolve_source("tiny-flux")
+    variants = [Variant(b, s, tmp_path / f"{b}-{s}") for b, s in VARIANTS]
+    results, reads = convert_many(src, variants, components=COMPONENTS)
+    for (b, s), r in zip(VARIANTS, results):
+        assert not isinstance(r, BaseException), r
+        assert _digests(r.out) == singles[(b, s)], f"{b} {s}"
+    weights = sum(src.components[c].nbytes for c in COMPONENTS)
+    # every variant asked for every planned tensor; the source was read about once
+    assert reads["bytes_served"] >= len(VARIANTS) * weights * 0.9
+    assert reads["bytes_read"] <= 1.5 * weights
+    assert reads["bytes_read"] < reads["bytes_served"] / 2
+
+
+def test_a_failing_variant_leaves_the_others_whole(tmp_path, singles):
+    src = resolve_source("tiny-flux")
+    variants = [Variant("bnb", "nf4", tmp_path / "a"), Variant("torchao", "int4wo", tmp_path / "b")]  # int4wo needs CUDA
+    results, _ = convert_many(src, variants, components=COMPONENTS)
+    assert _digests(results[0].out) == singles[("bnb", "nf4")]
+    assert isinstance(results[1], Exception)
+    assert not (tmp_path / "b").exists()
+
+
+def test_budget_bounds_what_is_held():
+    """Over budget, a tensor is read uncached rather than held: memory stays bounded."""
+    src = resolve_source("tiny-flux")
+    tensors = list(src.components["transformer"].tensors.values())
+    with TensorReader() as base:
+        shared = SharedReader(base, budget=1)
+        shared.expect(tensors)
+        shared.expect(tensors)
+        a, b = shared.view(0), shared.view(1)
+        for t in tensors:
+            assert a.load(t).equal(b.load(t))
+        assert shared._held == 0
+        assert shared.bytes_read == 2 * sum(t.nbytes for t in tensors if t.nbytes > 0)
+
+
+def test_tensors_are_dropped_when_every_reader_finished():
+    src = resolve_source("tiny-flux")
+    tensors = list(src.components["transformer"].tensors.values())[:5]
+    with TensorReader() as base:
+        shared = SharedReader(base)
+        shared.expect(tensors)
+        shared.expect(tensors)
+        a, b = shared.view(0), shared.view(1)
+        for t in tensors:
+            a.load(t)
+        assert shared._held == sum(t.nbytes for t in tensors)
+        for t in tensors:
+            b.load(t, rows=(0, t.shape[0]) if t.shape else None)
+        assert shared._held == 0
+        assert shared.bytes_read == sum(t.nbytes for t in tensors)
