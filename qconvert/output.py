@@ -271,18 +271,6 @@ def file_entry(path: Path) -> dict[str, Any]:
     return uploaded_entry(path) or {"size": path.stat().st_size, "sha256": sha256_of(path)}
 
 
-def copy_remote(files: list[Any], dst: Path) -> list[Path]:
-    """Stream Hub files (:class:`~qconvert.remote.RemoteFile`) into ``dst``, nothing cached."""
-    from .remote import copy_to
-
-    out = []
-    for rf in files:
-        dst.mkdir(parents=True, exist_ok=True)
-        copy_to(rf, dst / rf.name)
-        out.append(dst / rf.name)
-    return out
-
-
 def json_bytes(data: Any) -> bytes:
     """The one JSON layout of qconvert's files (sorted keys: deterministic; strict: no NaN)."""
     return (json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")

@@ -656,8 +656,6 @@ def _commit(api: Any, out: Path, manifest: dict[str, Any], result: PushResult, t
     for f in result.uploads:
         local = target[f.path]
         if local.path is None and local.data is None:  # uploaded while converting
-            from .uploads import uploaded_addition
-
             ops.append(uploaded_addition(f.path, local.sha256, local.size))  # type: ignore[arg-type]
             continue
         op = CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=str(local.path) if local.path is not None else local.data)
@@ -737,3 +735,22 @@ def _add_to_collection(
         return str(coll.slug), "note updated", note
     except Exception as e:  # noqa: BLE001
         raise hub_error(e, f"adding {repo_id} to the collection {title!r}", repo_id=repo_id, endpoint=endpoint) from None
+
+
+def uploaded_addition(path_in_repo: str, sha256: str, size: int) -> Any:
+    """A ``CommitOperationAdd`` for an LFS object the repo already stores (pre-uploaded, its
+    local file gone): ``create_commit`` then sends its ``lfsFile`` line and uploads nothing.
+
+    huggingface_hub keeps this state in the operation (``upload_info``, ``_upload_mode``,
+    ``_is_uploaded``: what ``preupload_lfs_files`` sets); an operation built from the
+    recorded sha256 and size carries the same state across processes (a re-run commits what
+    an earlier, killed run uploaded)."""
+    from huggingface_hub import CommitOperationAdd
+    from huggingface_hub.lfs import UploadInfo
+
+    op = CommitOperationAdd(path_in_repo=path_in_repo, path_or_fileobj=b"")
+    op.upload_info = UploadInfo(sha256=bytes.fromhex(sha256), size=size, sample=b"")
+    op._upload_mode = "lfs"
+    op._is_uploaded = True
+    return op
+

@@ -143,10 +143,9 @@ def _why(e: BaseException) -> str:
 def _check_status(rf: RemoteFile, status: int) -> None:
     if status == 206:
         return
-    from .sources import TOKEN_FIX
-
     if status in (401, 403):
-        raise InputError(f"the Hub refused reading {rf} (HTTP {status})", hint=TOKEN_FIX)
+        raise InputError(f"the Hub refused reading {rf} (HTTP {status})",
+                         hint="set HF_TOKEN to a token that may read the repo (or run `hf auth login`); accept a gated repo's terms on its page")  # fmt: skip
     # a 200 would be the whole file: a server that ignores ranges cannot be streamed from
     raise InputError(f"reading {rf} from the Hub failed (HTTP {status}{', no range support' if status == 200 else ''})",
                      hint="retry later, or download the repo and pass the local folder")  # fmt: skip
@@ -298,3 +297,13 @@ def copy_to(rf: RemoteFile, dst: Any) -> None:
     if rf.sha256 is not None and h.hexdigest() != rf.sha256:
         raise CorruptCheckpoint(f"{rf} does not match the sha256 the Hub gives for it",
                                 hint="run again; if it persists, the repo's file is damaged")  # fmt: skip
+
+
+def copy_files(files: list[RemoteFile], dst: Any) -> list[Any]:
+    """Stream Hub files into the folder ``dst``, nothing cached; their paths there."""
+    out = []
+    for rf in files:
+        dst.mkdir(parents=True, exist_ok=True)
+        copy_to(rf, dst / rf.name)
+        out.append(dst / rf.name)
+    return out

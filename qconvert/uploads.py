@@ -4,7 +4,7 @@ A staging conversion (``qconvert release --stage``) hands each finished shard to
 :class:`ShardUploader`: ``preupload_lfs_files`` stores its bytes as an LFS object of the repo
 (nothing is visible: no commit), the file is deleted, and its sha256 and size are recorded
 (``output.UPLOADED_NAME``). The push at the end makes ONE commit that references them
-(:func:`uploaded_addition`), so the disk a conversion needs is about one shard, a crash
+(``publish.uploaded_addition``), so the disk a conversion needs is about one shard, a crash
 publishes nothing, and a re-run uploads nothing the repo already stores: the LFS batch
 answers "present" for the same bytes (a conversion is deterministic), and no PUT is made.
 """
@@ -45,22 +45,3 @@ class ShardUploader:
         path.unlink()  # stored on the Hub (not committed): the disk is for the next shard
         self.uploaded.append((sha, size))
         return sha, size
-
-
-def uploaded_addition(path_in_repo: str, sha256: str, size: int) -> Any:
-    """A ``CommitOperationAdd`` for an LFS object the repo already stores (pre-uploaded, its
-    local file gone): ``create_commit`` then sends its ``lfsFile`` line and uploads nothing.
-
-    huggingface_hub keeps this state in the operation (``upload_info``, ``_upload_mode``,
-    ``_is_uploaded``: what ``preupload_lfs_files`` sets); an operation built from the
-    recorded sha256 and size carries the same state across processes (a re-run commits what
-    an earlier, killed run uploaded)."""
-    from huggingface_hub import CommitOperationAdd
-    from huggingface_hub.lfs import UploadInfo
-
-    op = CommitOperationAdd(path_in_repo=path_in_repo, path_or_fileobj=b"")
-    op.upload_info = UploadInfo(sha256=bytes.fromhex(sha256), size=size, sample=b"")
-    op._upload_mode = "lfs"
-    op._is_uploaded = True
-    return op
-

@@ -15,8 +15,9 @@ from .. import faults
 from ..families import flux
 from ..errors import CorruptCheckpoint, UsageError, opt
 from ..manifest import MANIFEST_NAME, build_manifest
-from ..output import atomic_folder, check_disk_space, check_output, copy_file, copy_license_files, copy_remote, copy_tree, write_json
+from ..output import atomic_folder, check_disk_space, check_output, copy_file, copy_license_files, copy_tree, write_json
 from ..plan import ComponentPlan, Plan
+from ..remote import copy_files
 from ..sources import Source, TensorReader
 from . import bnb, fp8, gguf, quanto, sdnq, torchao
 from .base import PIPELINE_FOLDER, Backend
@@ -149,8 +150,8 @@ def convert(
     progress: bool = True,
     options: dict[str, Any] | None = None,
     shard_sink: Any = None,
-) -> ConvertResult:
     reader: Any = None,
+) -> ConvertResult:
     """Convert ``source`` with one backend/scheme into the folder ``out`` (atomically);
     ``shard_sink``: where a pipeline's finished shards go instead of staying in ``out``
     (:class:`qconvert.uploads.ShardUploader`: uploaded, committed later by push); ``reader``:
@@ -168,9 +169,9 @@ def convert(
     plan, facts = make_plan(source, backend, components)
     check_disk_space(out.absolute(), plan.bytes_out)
     faults.point("after-plan")
-
     if reader is not None:
         reader.expect(_planned_reads(source, plan, facts, backend))
+
     from tqdm.auto import tqdm
 
     total = sum(c.bytes_in for c in plan.components if c.action == "quantize")
@@ -192,7 +193,6 @@ def convert(
     return ConvertResult(out, plan, manifest, seconds)
 
 
-def _write_pipeline(
 def _reader(shared: Any) -> Any:
     """A new reader (closed at the end), or the shared one (closed by its owner)."""
     return TensorReader() if shared is None else contextlib.nullcontext(shared)
@@ -208,6 +208,7 @@ def _planned_reads(source: Source, plan: Plan, facts: dict[str, Any], backend: A
     return reads
 
 
+def _write_pipeline(
     source: Source,
     plan: Plan,
     facts: dict[str, Any],
@@ -223,7 +224,7 @@ def _planned_reads(source: Source, plan: Plan, facts: dict[str, Any], backend: A
         comp = source.components[cp.name]
         if cp.action == "copy":
             assert comp.folder is not None
-            written[cp.name] = copy_tree(comp.folder, tmp / cp.name) + copy_remote(comp.remote_files, tmp / cp.name)
+            written[cp.name] = copy_tree(comp.folder, tmp / cp.name) + copy_files(comp.remote_files, tmp / cp.name)
         else:
             written[cp.name] = backend.write_component(comp, cp, facts[cp.name], tmp, scheduler, progress)
         seconds[cp.name] = time.perf_counter() - t0
