@@ -134,3 +134,22 @@ def test_a_file_that_does_not_match_its_sha256_fails_before_the_output_exists(hu
         _convert("alice/stream-sha", tmp_path / "out", hub)
     assert "transformer/diffusion_pytorch_model.safetensors" in str(e.value) and hub.token not in str(e.value)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".*"))
+
+
+def test_a_repo_in_the_local_hub_cache_is_read_from_there(hub_env, tiny_path):
+    from huggingface_hub import snapshot_download
+
+    from qconvert import remote
+    from qconvert.sources import TensorReader, resolve_source
+
+    hub = hub_env
+    sha = hub.seed_repo("alice/stream-cached", tiny_path)
+    snapshot_download("alice/stream-cached", revision=sha, endpoint=hub.endpoint, token=hub.token)
+    source = resolve_source("alice/stream-cached", stream=True, token=hub.token, endpoint=hub.endpoint)
+    files = [f for c in source.components.values() for f in c.weight_files]
+    assert files and all(isinstance(f, Path) for f in files)  # the cached copies, no RemoteFile
+    before = remote.STATS["bytes"]
+    with TensorReader() as reader:
+        for t in source.components["transformer"].tensors.values():
+            reader.load(t)
+    assert remote.STATS["bytes"] == before
