@@ -181,7 +181,7 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
 @click.option("--base", default=None, help="Pipeline supplying the other components for a single-file --source.")
 @click.option("--file", "source_file", default=None, help="The .safetensors file of a Hub --source repo to convert (also: --source org/name/<file>).")
 @click.option("--backend", required=True, type=click.Choice(BACKEND_NAMES), help="Quantization backend.")
-@click.option("--scheme", required=True, help="Scheme of the backend (see below).")
+@click.option("--scheme", required=True, help="Scheme of the backend (see below); several, comma-separated: one read of the source for all.")
 @click.option("--out", "out", type=click.Path(path_type=Path), default=None, help="Output folder [out/<source>-<backend>-<scheme>].")
 @click.option("--components", default=None, help="Comma list to quantize [transformer,text_encoder_2].")
 @click.option("--compute-dtype", default=None, help="bnb: compute dtype in the config, and the dtype a float32 source is written in [bfloat16].")
@@ -247,8 +247,9 @@ def flux(
     options = {"compute_dtype": compute_dtype, "layout": layout, "jobs": jobs, "max_shard_size": max_shard_size,
                "gguf_search": gguf_search}  # fmt: skip
     target = PushTarget(repo_id, namespace, private, collection) if do_push else None
+    schemes = _schemes(scheme, out, repo_id, dry_run)
     job = Job(
-        source, backend, scheme, out=out, revision=revision, base=base, source_file=source_file,
+        source, backend, schemes[0], out=out, revision=revision, base=base, source_file=source_file,
         components=parse_components(components),
         options={k: v for k, v in options.items() if v is not None}, overwrite=overwrite, validate=not no_validate,
         device=device, thresholds_file=thresholds_file, license=license_, push=target, token=hub_token(),
@@ -260,7 +261,52 @@ def flux(
         plan = plan_of(job)
         click.echo(json.dumps(plan.to_dict(tensors=state.verbose > 0), indent=2) if as_json else plan.render(verbose=state.verbose > 0))
         return
+    if len(schemes) > 1:
+        _run_schemes(state, job, schemes, out, as_json)
+        return
     run(job, on_event=_FluxOutput(state, job, as_json))
+
+
+def _schemes(scheme: str, out: Path | None, repo_id: str | None, dry_run: bool) -> list[str]:
+    """``--scheme a,b,c`` -> the schemes, checked for what a single output would allow."""
+    from .errors import UsageError
+
+    schemes = [s.strip() for s in scheme.split(",") if s.strip()]
+    if not schemes:
+        raise UsageError("--scheme is empty", hint="name a scheme, e.g. --scheme int8wo")
+    if len(set(schemes)) != len(schemes):
+        raise UsageError(f"--scheme {scheme} names a scheme twice", hint="name each scheme once")
+    if len(schemes) > 1 and repo_id:
+        raise UsageError("--repo-id takes one scheme", hint="drop --repo-id: each output's repo is named after it")
+    if len(schemes) > 1 and dry_run:
+        raise UsageError("--dry-run takes one scheme", hint="run --dry-run once per scheme")
+    return schemes
+
+
+def _run_schemes(state: State, job: Any, schemes: list[str], out: Path | None, as_json: bool) -> None:
+    """Several schemes: one output each (``--out`` is then their parent folder), one read."""
+    from dataclasses import replace
+
+    from .job import default_out, run_many
+
+    jobs = [replace(job, scheme=s, out=(out / default_out(job.source, job.backend, s).name) if out else None)
+            for s in schemes]  # fmt: skip
+    outputs = [_FluxOutput(state, j, as_json) for j in jobs]
+
+    def on_event(i: int, kind: str, value: Any) -> None:
+        if kind == "reads":
+            gb = 1e9
+            state.info(f"read {value['bytes_read'] / gb:.2f} GB of source for {value['bytes_served'] / gb:.2f} GB of tensors ({len(jobs)} outputs)")
+        else:
+            outputs[i](kind, value)
+
+    results = run_many(jobs, on_event=on_event)
+    failures = [r for r in results if isinstance(r, BaseException)]
+    for j, r in zip(jobs, results):
+        if isinstance(r, BaseException):
+            state.info(f"{j.scheme}: failed: {r}")
+    if failures:
+        raise failures[0]
 
 
 class _FluxOutput:

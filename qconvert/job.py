@@ -182,9 +182,11 @@ def plan_of(job: Job, source: Any | None = None) -> Any:
     return make_plan(source if source is not None else resolve(job), backend, job.components)[0]
 
 
-def run(job: Job, *, source: Any | None = None, on_event: EventFn = _ignore, checked: bool = False) -> JobResult:
+def run(job: Job, *, source: Any | None = None, on_event: EventFn = _ignore, checked: bool = False,
+        converted: Any = None) -> JobResult:  # fmt: skip
     """Run ``job`` from the checks to the push. ``source``: an already resolved source (a release
-    converts one source many times); ``checked``: :func:`check` and :func:`check_source` ran."""
+    converts one source many times); ``checked``: :func:`check` and :func:`check_source` ran;
+    ``converted``: its ``ConvertResult`` when it was converted already (:func:`run_many`)."""
     if not checked:
         job = check(job)
     if source is None:
@@ -192,10 +194,11 @@ def run(job: Job, *, source: Any | None = None, on_event: EventFn = _ignore, che
         source = resolve(job)
     if not checked:
         check_source(job, source)
-    from .convert import convert
+    if converted is None:
+        from .convert import convert
 
-    converted = convert(source, job.backend, job.scheme, job.out_dir, components=job.components,
-                        overwrite=job.overwrite, progress=job.progress, options=job.options)  # fmt: skip
+        converted = convert(source, job.backend, job.scheme, job.out_dir, components=job.components,
+                            overwrite=job.overwrite, progress=job.progress, options=job.options)  # fmt: skip
     on_event("converted", converted)
     result = JobResult(converted.out, converted)
     if job.validate:
@@ -207,6 +210,38 @@ def run(job: Job, *, source: Any | None = None, on_event: EventFn = _ignore, che
     if job.push is not None:
         result.pushed = _push(job, converted.out, on_event)
     return result
+
+
+def run_many(jobs: list[Job], *, on_event: Callable[[int, str, Any], None] | None = None) -> list[JobResult | BaseException]:
+    """Run jobs that differ only in backend, scheme, options and output (``qconvert flux
+    --scheme a,b,c``): all checked first, the source resolved once and converted into every
+    output in one read (:func:`qconvert.convert.shared_read.convert_many`), then each
+    validated, carded and pushed in order. A job that fails does not stop the others: its
+    exception takes its place in the result."""
+    from .convert.shared_read import Variant, convert_many
+    from .errors import QConvertError
+
+    events = on_event or (lambda i, kind, value: None)
+    jobs = [check(j) for j in jobs]
+    first = jobs[0]
+    events(0, "info", f"resolving source {first.source}")
+    source = resolve(first)
+    for j in jobs:
+        check_source(j, source)
+    variants = [Variant(j.backend, j.scheme, j.out_dir, dict(j.options)) for j in jobs]
+    converted, reads = convert_many(source, variants, components=first.components, overwrite=first.overwrite)
+    events(0, "reads", reads)
+    results: list[JobResult | BaseException] = []
+    for i, (j, conv) in enumerate(zip(jobs, converted)):
+        if isinstance(conv, BaseException):
+            results.append(conv)
+            continue
+        try:
+            results.append(run(j, source=source, checked=True, converted=conv,
+                               on_event=lambda kind, value, i=i: events(i, kind, value)))  # fmt: skip
+        except QConvertError as e:
+            results.append(e)
+    return results
 
 
 def _validate(job: Job, out: Path, on_event: EventFn) -> Any:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import assert_one_line_error, invoke  # noqa: E402
 
 from qconvert.convert import convert
 from qconvert.convert.shared_read import SharedReader, Variant, convert_many
@@ -87,3 +91,24 @@ def test_tensors_are_dropped_when_every_reader_finished():
             b.load(t, rows=(0, t.shape[0]) if t.shape else None)
         assert shared._held == 0
         assert shared.bytes_read == sum(t.nbytes for t in tensors)
+
+
+def test_cli_several_schemes_one_read(tmp_path, singles):
+    """`qconvert flux --scheme a,b`: one folder per scheme under --out, as single runs write them."""
+    proc = invoke("flux", "--source", "tiny-flux", "--backend", "bnb", "--scheme", "nf4,int8",
+                  "--out", str(tmp_path), "--no-validate")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "GB of source for" in proc.stderr
+    for scheme in ("nf4", "int8"):
+        assert _digests(tmp_path / f"tiny-flux-bnb-{scheme}") == singles[("bnb", scheme)]
+
+
+@pytest.mark.parametrize(
+    "extra, contains",
+    [(("--scheme", "nf4,nf4"), "names a scheme twice"), (("--scheme", "nf4,int8", "--dry-run"), "--dry-run takes one"),
+     (("--scheme", "nf4,int8", "--push", "--repo-id", "me/x"), "--repo-id takes one"), (("--scheme", ","), "is empty")],
+)  # fmt: skip
+def test_cli_several_schemes_bad_input(tmp_path, extra, contains):
+    proc = invoke("flux", "--source", "tiny-flux", "--backend", "bnb", "--out", str(tmp_path / "o"), *extra)
+    assert_one_line_error(proc, code=2, contains=contains)
+    assert not (tmp_path / "o").exists()
