@@ -106,6 +106,8 @@ def test_hub_source_streams_with_disk_bound_and_identical_output(hub_env, big_pa
     weights = sum(p.stat().st_size for p in big_path.rglob("*.safetensors"))
     assert weights <= got["bytes"] <= weights * 1.05, (got, weights)
     assert got["retries"] == 2
+    print(f"streamed: {got['bytes']} B in {got['requests']} range requests ({got['retries']} resumed), weights {weights} B; "
+          f"peak disk {disk.peak} B = output {out_bytes} B + Hub cache {small} B; transformer source {source_bytes} B")
 
     _convert(str(big_path), tmp_path / "out" / "local", hub)
     a, b = tree_hashes(out), tree_hashes(tmp_path / "out" / "local")
