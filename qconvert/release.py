@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, faults
 from .errors import EXIT_UNEXPECTED, QConvertError, UsageError, redact
 from .identity import SourceIdentity
 from .job import Job, PushTarget, check, check_source, resolve, run
@@ -351,7 +351,13 @@ def run_release(
         check_source(job, source)
     workdir.mkdir(parents=True, exist_ok=True)
     state = _load_state(workdir)
-    results = [_run_variant(plan, v, job, source, state, workdir, log) for v, job in todo]
+    done = {v.name: _skipped(plan, v, job, source, state, workdir, log) for v, job in todo}
+    pending = [(v, job) for v, job in todo if done[v.name] is None]
+    converted = _convert_together(pending, source, log) if len(pending) > 1 else {}
+    for v, job in pending:
+        faults.counted("variant")  # QCONVERT_KILL_AT=variant-<n>: before the n-th's validation and push
+        done[v.name] = _run_variant(plan, v, job, source, state, workdir, log, converted.get(v.name))
+    results = [done[v.name] for v, _ in todo]
     report_data = {"plan": str(plan.path), "qconvert_version": __version__, "source": source.identity.to_dict(),
                    "variants": [asdict(r) for r in results]}  # fmt: skip
     (workdir / REPORT_NAME).write_text(json.dumps(report_data, indent=2, sort_keys=True) + "\n")
@@ -361,23 +367,59 @@ def run_release(
     return results
 
 
-def _run_variant(plan: ReleasePlan, v: Variant, job: Job, source: Any, state: dict[str, Any], workdir: Path,
-                 log: Any) -> VariantResult:
-    t0 = time.perf_counter()
+def _skipped(plan: ReleasePlan, v: Variant, job: Job, source: Any, state: dict[str, Any], workdir: Path,
+             log: Any) -> VariantResult | None:
+    """The result of a variant with nothing to do (done before, or already on the Hub), else None."""
     key = plan.fingerprint(v)
     entry = state.get(v.name, {})
     pushing = job.push is not None
     if entry.get("fingerprint") == key and entry.get("status") == "done" and (entry.get("pushed") or not pushing):
         log(f"{v.name}: already done, skipping")
         return VariantResult(v.name, v.repo_id, "skipped", "already done (state file)", 0.0, entry.get("commit"))
+    t0 = time.perf_counter()
     try:
-        if pushing and remote_is_current(v.repo_id, source.identity, v, token=job.token, endpoint=job.endpoint):
-            state[v.name] = {"fingerprint": key, "status": "done", "pushed": True}
-            _save_state(workdir, state)
-            log(f"{v.name}: {v.repo_id} is up to date, skipping")
-            return VariantResult(v.name, v.repo_id, "skipped", "remote already holds this variant")
-        log(f"{v.name}: converting ({v.backend} {v.scheme})")
-        result = run(job, source=source, checked=True, on_event=lambda kind, value: _log_event(log, v, kind, value))
+        current = pushing and remote_is_current(v.repo_id, source.identity, v, token=job.token, endpoint=job.endpoint)
+    except QConvertError as e:
+        return _record_failure(state, workdir, v, key, e.one_line(), e.exit_code, t0, log)
+    if current:
+        state[v.name] = {"fingerprint": key, "status": "done", "pushed": True}
+        _save_state(workdir, state)
+        log(f"{v.name}: {v.repo_id} is up to date, skipping")
+        return VariantResult(v.name, v.repo_id, "skipped", "remote already holds this variant")
+    return None
+
+
+def _convert_together(pending: list[tuple[Variant, Job]], source: Any, log: Any) -> dict[str, Any]:
+    """Every pending variant converted in one read of the source (per set of components):
+    variant name -> its ConvertResult, or the exception its conversion raised."""
+    from .convert.shared_read import Variant as Output, convert_many
+
+    groups: dict[tuple[str, ...], list[tuple[Variant, Job]]] = {}
+    for v, job in pending:
+        groups.setdefault(tuple(job.components), []).append((v, job))
+    converted: dict[str, Any] = {}
+    for components, members in groups.items():
+        log(f"converting {', '.join(v.name for v, _ in members)} in one read of the source")
+        outputs = [Output(j.backend, j.scheme, j.out_dir, dict(j.options)) for _, j in members]
+        results, reads = convert_many(source, outputs, components=components, overwrite=True)
+        log(f"read {reads['bytes_read'] / 1e9:.2f} GB of source for {reads['bytes_served'] / 1e9:.2f} GB of tensors")
+        converted.update({v.name: r for (v, _), r in zip(members, results)})
+    return converted
+
+
+def _run_variant(plan: ReleasePlan, v: Variant, job: Job, source: Any, state: dict[str, Any], workdir: Path,
+                 log: Any, converted: Any = None) -> VariantResult:
+    """Convert (unless ``converted``: its result, or the exception its conversion raised),
+    validate, card and push one variant, recording the outcome in the state file."""
+    t0 = time.perf_counter()
+    key = plan.fingerprint(v)
+    pushing = job.push is not None
+    try:
+        if isinstance(converted, BaseException):
+            raise converted
+        log(f"{v.name}: converting ({v.backend} {v.scheme})" if converted is None else f"{v.name}: converted")
+        result = run(job, source=source, checked=True, converted=converted,
+                     on_event=lambda kind, value: _log_event(log, v, kind, value))  # fmt: skip
         commit = result.pushed.commit if result.pushed is not None else None
     except QConvertError as e:
         return _record_failure(state, workdir, v, key, e.one_line(), e.exit_code, t0, log)

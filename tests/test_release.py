@@ -114,8 +114,9 @@ def test_three_variants_resume_after_kill_and_push_nothing_twice(hub, hub_env, t
     plan = tmp_path / "tiny.toml"
     plan.write_text(plan_text)
     work = tmp_path / "work"
-    # kill the run while it converts the second variant (the first is then fully pushed)
-    killed = _release(plan, work, hub, env_extra={"QCONVERT_KILL_AT": "tensor-100"})
+    # kill the run before the second variant's validation and push (all three are converted
+    # in one read; the first is then fully pushed)
+    killed = _release(plan, work, hub, env_extra={"QCONVERT_KILL_AT": "variant-2"})
     assert killed.returncode == -signal.SIGKILL
     state = json.loads((work / "release-state.json").read_text())
     assert state["int8wo"]["status"] == "done" and "fp8wo" not in state
