@@ -229,8 +229,13 @@ def run_many(jobs: list[Job], *, on_event: Callable[[int, str, Any], None] | Non
     for j in jobs:
         check_source(j, source)
     variants = [Variant(j.backend, j.scheme, j.out_dir, dict(j.options)) for j in jobs]
-    converted, reads = convert_many(source, variants, components=first.components, overwrite=first.overwrite)
-    events(0, "reads", reads)
+    crowded = fit_together(jobs, source)
+    if crowded:  # one after the other, each output checked on its own: the source read once per job
+        events(0, "info", f"converting one output at a time: {crowded}")
+        converted: list[Any] = [None] * len(jobs)
+    else:
+        converted, reads = convert_many(source, variants, components=first.components, overwrite=first.overwrite)
+        events(0, "reads", reads)
     results: list[JobResult | BaseException] = []
     for i, (j, conv) in enumerate(zip(jobs, converted)):
         if isinstance(conv, BaseException):
@@ -242,6 +247,20 @@ def run_many(jobs: list[Job], *, on_event: Callable[[int, str, Any], None] | Non
         except QConvertError as e:
             results.append(e)
     return results
+
+
+def fit_together(jobs: list[Job], source: Any) -> str | None:
+    """Why ``jobs`` cannot be converted at the same time (all their outputs on disk at once:
+    more than the free space), or None when they can."""
+    from .errors import DiskSpaceError
+    from .output import check_disk_space
+
+    needed = sum(plan_of(j, source).bytes_out for j in jobs)
+    try:
+        check_disk_space(jobs[0].out_dir.absolute(), needed)
+    except DiskSpaceError as e:
+        return e.one_line()
+    return None
 
 
 def _validate(job: Job, out: Path, on_event: EventFn) -> Any:

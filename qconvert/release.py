@@ -36,7 +36,7 @@ from typing import Any
 from . import __version__, faults
 from .errors import EXIT_UNEXPECTED, QConvertError, UsageError, redact
 from .identity import SourceIdentity
-from .job import Job, PushTarget, check, check_source, resolve, run
+from .job import Job, PushTarget, check, check_source, fit_together, resolve, run
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -399,6 +399,10 @@ def _convert_together(pending: list[tuple[Variant, Job]], source: Any, log: Any)
         groups.setdefault(tuple(job.components), []).append((v, job))
     converted: dict[str, Any] = {}
     for components, members in groups.items():
+        crowded = fit_together([j for _, j in members], source) if len(members) > 1 else "one variant"
+        if crowded:
+            log(f"converting {', '.join(v.name for v, _ in members)} one at a time: {crowded}")
+            continue
         log(f"converting {', '.join(v.name for v, _ in members)} in one read of the source")
         outputs = [Output(j.backend, j.scheme, j.out_dir, dict(j.options)) for _, j in members]
         results, reads = convert_many(source, outputs, components=components, overwrite=True)

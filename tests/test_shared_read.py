@@ -112,3 +112,27 @@ def test_cli_several_schemes_bad_input(tmp_path, extra, contains):
     proc = invoke("flux", "--source", "tiny-flux", "--backend", "bnb", "--out", str(tmp_path / "o"), *extra)
     assert_one_line_error(proc, code=2, contains=contains)
     assert not (tmp_path / "o").exists()
+
+
+def test_outputs_that_do_not_fit_together_are_converted_one_at_a_time(tmp_path, singles, monkeypatch):
+    """All outputs exist at once in one read; when the disk cannot hold them all, run_many
+    converts them one after the other (each checked on its own) with the same bytes."""
+    import shutil as real_shutil
+    from collections import namedtuple
+
+    from qconvert import output
+    from qconvert.job import Job, fit_together, plan_of, run_many
+
+    jobs = [Job("tiny-flux", b, s, out=tmp_path / s, validate=False, components=COMPONENTS) for b, s in VARIANTS[:2]]
+    src = resolve_source("tiny-flux")
+    assert fit_together(jobs, src) is None
+    one = max(plan_of(j, src).bytes_out for j in jobs)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(output.shutil, "disk_usage", lambda p: usage(0, 0, int(one * 1.5)))
+    assert "not enough free disk" in fit_together(jobs, src)
+    events = []
+    results = run_many(jobs, on_event=lambda i, kind, value: events.append((kind, value)))
+    monkeypatch.setattr(output.shutil, "disk_usage", real_shutil.disk_usage)
+    assert any(k == "info" and "one output at a time" in v for k, v in events)
+    for (b, s), r in zip(VARIANTS[:2], results):
+        assert _digests(r.out) == singles[(b, s)]
