@@ -195,8 +195,7 @@ class _Qkx3:
                 best = np.where(upd, cur, best)
                 scale = np.where(upd, t_scale, scale)
                 mn = np.where(upd, t_min, mn)
-                cols = np.flatnonzero(upd)
-                xm[:, cols] = x[:, cols] - mn[cols]
+                np.subtract(x, mn, out=xm)  # one contiguous pass beats a column gather/scatter
         self.scale = np.where(self.degen, _f32(0), scale).astype(_f32)
         self.the_min = (-mn).astype(_f32)
         del self._lv, self._tmp, self.w
