@@ -169,6 +169,7 @@ def convert_many(source: Any, variants: list[Variant], *, components: tuple[str,
     from . import convert
 
     results: list[Any] = [None] * len(variants)
+    _import_first(source, variants, components)
     threads = torch.get_num_threads()
     with TensorReader() as base:
         shared = SharedReader(base, budget)
@@ -191,3 +192,20 @@ def convert_many(source: Any, variants: list[Variant], *, components: tuple[str,
         finally:
             torch.set_num_threads(threads)
     return results, {"bytes_read": shared.bytes_read, "bytes_served": shared.bytes_served}
+
+
+def _import_first(source: Any, variants: list[Variant], components: tuple[str, ...]) -> None:
+    """Import on this thread what the conversions import lazily: diffusers' and transformers'
+    lazy modules are not safe to import from several threads at once (a thread can see
+    ``diffusers`` without ``FluxTransformer2DModel`` while another is importing it)."""
+    import importlib
+
+    from . import backend_class
+
+    for v in variants:
+        for module in (*backend_class(v.backend).import_names, *backend_class(v.backend).warm_up_modules):
+            importlib.import_module(module)
+    for name in source.family.resolve_components(components):
+        comp = source.components.get(name)
+        if comp is not None and comp.library in ("diffusers", "transformers") and comp.class_name:
+            getattr(importlib.import_module(comp.library), comp.class_name)
