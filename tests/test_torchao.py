@@ -191,3 +191,23 @@ def test_plan_predicts_the_written_tensor_bytes(scheme, tiny_path, tmp_path):
         with safe_open(str(shard), "pt") as h:
             written += sum(h.get_tensor(k).numel() * h.get_tensor(k).element_size() for k in h.keys())
     assert plan.component("transformer").bytes_out == written
+
+
+@pytest.mark.parametrize("scheme", ["int8wo", "fp8wo", "int8dq"])
+def test_slabs_of_rows_equal_one_quantize_call(scheme, monkeypatch):
+    """encode_chunk quantizes a per-row scheme in cache-sized slabs of rows: the same tensors
+    and header JSON as torchao's quantize_ on the whole weight in one call."""
+    from qconvert.convert import torchao as T
+    from qconvert.plan import QUANTIZE, TensorPlan
+
+    w = (torch.randn(300, 256, generator=torch.Generator().manual_seed(0)) * 0.02).bfloat16()
+    plan = TensorPlan("blk.weight", (300, 256), "BF16", QUANTIZE, scheme, 0, 0)
+    backend = T.TorchAOBackend(scheme)
+    backend._config = backend.torchao_config()
+    whole = backend._quantize_rows(plan, w)
+    monkeypatch.setattr(T, "SLAB_VALUES", 256 * 64)  # 64 rows per slab: 5 slabs, the last of 44 rows
+    slabbed = backend.encode_chunk("transformer", plan, w)
+    assert slabbed.meta == whole.meta and slabbed.parts.keys() == whole.parts.keys()
+    for key, t in whole.parts.items():
+        assert slabbed.parts[key].dtype == t.dtype and slabbed.parts[key].shape == t.shape
+        assert torch.equal(slabbed.parts[key].view(torch.uint8), t.view(torch.uint8)), key

@@ -31,6 +31,9 @@ _CONFIGS = {
 }
 
 
+SLAB_VALUES = 1 << 19  # values per quantize_ call of a per-row scheme (see encode_chunk)
+
+
 class TorchAOBackend(Backend):
     name = "torchao"
     schemes: ClassVar[dict[str, str]] = {
@@ -105,6 +108,21 @@ class TorchAOBackend(Backend):
         per-tensor JSON of the shard header (the same for every chunk: no shapes in it)."""
         if plan.action != QUANTIZE:
             return super().encode_chunk(component, plan, tensor)
+        import torch
+
+        if self.scheme == "int4wo":
+            return self._quantize_rows(plan, tensor)
+        # Per-row schemes: quantize_ in slabs of rows that fit in the core's cache (the same
+        # bytes: every row is quantized on its own). One 3072x3072 bf16 weight on one core:
+        # int8wo 151-157 Mparam/s in slabs of 128-256 rows against 27-34 at once; fp8wo 147 vs 44.
+        slab = max(1, SLAB_VALUES // max(1, tensor.shape[1]))
+        parts = [self._quantize_rows(plan, tensor[r : r + slab]) for r in range(0, tensor.shape[0], slab)]
+        if len(parts) == 1:
+            return parts[0]
+        joined = {k: torch.cat([p.parts[k] for p in parts]) for k in parts[0].parts}
+        return EncodedChunk(joined, meta=parts[0].meta)
+
+    def _quantize_rows(self, plan: TensorPlan, tensor: Any) -> EncodedChunk:
         import torch
         from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
         from torchao.quantization import quantize_
