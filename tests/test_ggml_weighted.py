@@ -92,6 +92,7 @@ def test_shapes_chunks_and_weights(qtype, monkeypatch):
     assert not np.array_equal(_quiet(x, qtype, w), q)  # the weights are used
     monkeypatch.setattr(ggml_weighted, "CHUNK_ELEMENTS", 512)  # one row per pass: same bytes
     assert np.array_equal(q, _quiet(x, qtype))
+    assert np.array_equal(q, quantize_weighted(x, qtype, chunk_elements=1 << 22))
 
 
 @pytest.mark.parametrize("shape", [(4, 100), (255,), ()])

@@ -537,13 +537,16 @@ def _as_weights(weights: Any, shape: tuple[int, ...]) -> np.ndarray | None:
     return np.broadcast_to(w, shape)
 
 
-def quantize_weighted(data: np.ndarray, qtype: str, weights: Any = None) -> np.ndarray:
+def quantize_weighted(data: np.ndarray, qtype: str, weights: Any = None, *,
+                      chunk_elements: int | None = None) -> np.ndarray:
     """Quantize float rows with ggml's weighted search (``quantize_<qtype>(..., quant_weights)``).
 
     ``data``: float array, last dimension = ggml's n_per_row (a multiple of the block size).
     ``weights``: ggml's importance matrix, shape ``(n_per_row,)`` (or ``data.shape``); None
     = all ones, what stable-diffusion.cpp passes. Returns uint8 of shape
-    ``(*data.shape[:-1], n_per_row // block * type_size)``, ggml's exact bytes."""
+    ``(*data.shape[:-1], n_per_row // block * type_size)``, ggml's exact bytes, whatever
+    ``chunk_elements`` (values per vectorized pass, whole rows; default CHUNK_ELEMENTS: larger
+    passes hold the GIL for a smaller share of the time, smaller ones stay in cache)."""
     name = getattr(qtype, "name", qtype)
     if name not in _TYPES:
         raise ValueError(f"{name!r} has no weighted search here ({', '.join(WEIGHTED_TYPES)})")
@@ -557,7 +560,7 @@ def quantize_weighted(data: np.ndarray, qtype: str, weights: Any = None) -> np.n
     qw = _as_weights(weights, data.shape)
     qw = None if qw is None else qw.reshape(-1, N)
     out = np.empty((rows.shape[0], N // block * size), dtype=_u8)
-    step = max(1, CHUNK_ELEMENTS // N)  # whole rows per pass (the legacy types' sigma2 is per row)
+    step = max(1, (chunk_elements or CHUNK_ELEMENTS) // N)  # whole rows per pass (the legacy types' sigma2 is per row)
     for r in range(0, rows.shape[0], step):
         x = np.ascontiguousarray(rows[r:r + step], dtype=_f32)
         w = None if qw is None else np.ascontiguousarray(qw[r:r + step])
