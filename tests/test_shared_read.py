@@ -48,8 +48,9 @@ def test_convert_many_equals_single_runs_and_reads_less(tmp_path, singles):
     weights = sum(src.components[c].nbytes for c in COMPONENTS)
     # every variant asked for every planned tensor; the source was read about once
     assert reads["bytes_served"] >= len(VARIANTS) * weights * 0.9
-    assert reads["bytes_read"] <= 1.5 * weights
-    assert reads["bytes_read"] < reads["bytes_served"] / 2
+    # GGUF reads the BFL layout (q/k/v fused from rows of three stored tensors): shared too
+    assert reads["bytes_read"] <= 1.1 * weights
+    assert reads["bytes_read"] < reads["bytes_served"] / 3
 
 
 def test_a_failing_variant_leaves_the_others_whole(tmp_path, singles):
@@ -67,9 +68,9 @@ def test_budget_bounds_what_is_held():
     tensors = list(src.components["transformer"].tensors.values())
     with TensorReader() as base:
         shared = SharedReader(base, budget=1)
-        shared.expect(tensors)
-        shared.expect(tensors)
         a, b = shared.view(0), shared.view(1)
+        a.expect(tensors)
+        b.expect(tensors)
         for t in tensors:
             assert a.load(t).equal(b.load(t))
         assert shared._held == 0
@@ -81,9 +82,9 @@ def test_tensors_are_dropped_when_every_reader_finished():
     tensors = list(src.components["transformer"].tensors.values())[:5]
     with TensorReader() as base:
         shared = SharedReader(base)
-        shared.expect(tensors)
-        shared.expect(tensors)
         a, b = shared.view(0), shared.view(1)
+        a.expect(tensors)
+        b.expect(tensors)
         for t in tensors:
             a.load(t)
         assert shared._held == sum(t.nbytes for t in tensors)

@@ -28,26 +28,26 @@ DEFAULT_BUDGET = 1 << 30  # bytes of whole tensors held for the conversions stil
 
 def _key(tensor: Any) -> tuple[Any, ...]:
     """The identity of a source tensor: where its bytes come from (segments) and its shape."""
-    segs = tuple((str(s.path), s.key, getattr(s, "start", None), getattr(s, "stop", None)) for s in tensor.segments)
+    segs = tuple((str(s.path), s.key, s.start, s.stop) for s in tensor.segments)
     return (segs, tuple(tensor.shape), tensor.dtype)
 
 
 @dataclass
 class _Entry:
-    readers: int  # conversions planned to read this tensor that have not finished it
+    readers: int = 0  # conversions planned to read this tensor that have not finished it
     value: Any = None
     nbytes: int = 0
     loading: bool = False
-    done_by: set[int] = field(default_factory=set)
 
 
 class SharedReader:
     """A ``TensorReader`` for several conversions at once (see the module docstring).
 
-    ``expect(tensors)`` is called once per conversion before it starts, with the source
-    tensors it will read; ``finished(tensor)`` by a conversion when it read a tensor's last
-    rows (the scheduler's last chunk). Counts: ``bytes_read`` (underlying reads),
-    ``bytes_served`` (what the conversions asked for).
+    Sharing is per stored tensor: a tensor a layout assembles from rows of several stored ones
+    (GGUF's fused BFL q/k/v, a BFL single file's split) shares those stored tensors with the
+    conversions that read them as they are. Each conversion's :meth:`view` counts what it
+    plans to read (``expect``) and tells when it read a tensor's last rows. Counts:
+    ``bytes_read`` (underlying reads), ``bytes_served`` (what the conversions asked for).
     """
 
     def __init__(self, reader: Any, budget: int = DEFAULT_BUDGET) -> None:
@@ -56,43 +56,77 @@ class SharedReader:
         self.bytes_read = 0
         self.bytes_served = 0
         self._entries: dict[tuple[Any, ...], _Entry] = {}
+        self._uses: dict[tuple[tuple[Any, ...], int], int] = {}  # (stored tensor, reader) -> reads left
         self._held = 0
         self._cond = threading.Condition()
 
-    def expect(self, tensors: Iterable[Any]) -> None:
-        with self._cond:
-            for t in {_key(t): t for t in tensors}:
-                entry = self._entries.setdefault(t, _Entry(readers=0))
-                entry.readers += 1
+    def view(self, reader_id: int) -> _View:
+        """The reader one conversion uses."""
+        return _View(self, reader_id)
 
-    def __getattr__(self, name: str) -> Any:  # verify(), close() … of the underlying reader
-        return getattr(self.reader, name)
+    def _stored(self, tensor: Any) -> list[tuple[Any, int | None, int | None]]:
+        """The stored tensors ``tensor`` is made of, each with the rows of it that it takes."""
+        from ..sources import FileSegment, SourceTensor
+
+        segs = tensor.segments
+        if len(segs) == 1 and segs[0].start is None and segs[0].stop is None:
+            return [(tensor, None, None)]
+        out = []
+        for seg in segs:
+            shape = tuple(self.reader._handle(seg.path).get_slice(seg.key).get_shape())
+            out.append((SourceTensor(seg.key, shape, tensor.dtype, (FileSegment(seg.path, seg.key),)), seg.start, seg.stop))
+        return out
+
+    def expect(self, tensors: Iterable[Any], reader_id: int) -> None:
+        with self._cond:
+            for t in tensors:
+                if not t.shape:
+                    continue
+                for stored, _, _ in self._stored(t):
+                    key = _key(stored)
+                    entry = self._entries.setdefault(key, _Entry())
+                    uses = self._uses.get((key, reader_id), 0)
+                    entry.readers += uses == 0
+                    self._uses[(key, reader_id)] = uses + 1
 
     def load(self, tensor: Any, rows: tuple[int, int] | None = None) -> Any:
-        key = _key(tensor)
-        whole = self._whole(key, tensor)
-        if whole is None:  # not shared (one reader, or over budget): read as a plain reader would
+        import torch
+
+        pieces = []
+        for stored, lo, hi in self._stored(tensor) if tensor.shape else []:
+            whole = self._whole(_key(stored), stored)
+            if whole is None:
+                pieces = None
+                break
+            pieces.append(whole if lo is None and hi is None else whole[lo:hi])
+        if not pieces:  # not shared (one reader, over budget, a 0-d tensor): read as a plain reader
             part = self.reader.load(tensor, rows=rows)
             with self._cond:
                 self.bytes_read += part.numel() * part.element_size()
         else:
-            part = whole if rows is None else whole[rows[0] : rows[1]]
+            joined = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+            part = joined if rows is None else joined[rows[0] : rows[1]]
         with self._cond:
             self.bytes_served += part.numel() * part.element_size()
         return part
 
     def finished(self, tensor: Any, reader_id: int) -> None:
-        """Conversion ``reader_id`` will not read ``tensor`` again: drop it when nobody will."""
+        """Conversion ``reader_id`` read ``tensor``'s last rows: drop what nobody will read again."""
+        if not tensor.shape:
+            return
         with self._cond:
-            entry = self._entries.get(_key(tensor))
-            if entry is None or reader_id in entry.done_by:
-                return
-            entry.done_by.add(reader_id)
-            entry.readers -= 1
-            if entry.readers <= 0 and entry.value is not None:
-                self._held -= entry.nbytes
-                entry.value = None
-                self._cond.notify_all()
+            for stored, _, _ in self._stored(tensor):
+                key = _key(stored)
+                uses = self._uses.get((key, reader_id), 0)
+                if uses <= 0:
+                    continue
+                self._uses[(key, reader_id)] = uses - 1
+                entry = self._entries[key]
+                entry.readers -= uses == 1
+                if entry.readers <= 0 and entry.value is not None:
+                    self._held -= entry.nbytes
+                    entry.value = None
+                    self._cond.notify_all()
 
     def _whole(self, key: tuple[Any, ...], tensor: Any) -> Any:
         with self._cond:
@@ -125,18 +159,13 @@ class SharedReader:
             self._cond.notify_all()
         return value
 
-    def view(self, reader_id: int) -> _View:
-        """The reader one conversion uses: it tells the shared reader when it read a
-        tensor's last rows."""
-        return _View(self, reader_id)
-
 
 class _View:
     def __init__(self, shared: SharedReader, reader_id: int) -> None:
         self.shared, self.reader_id = shared, reader_id
 
     def expect(self, tensors: Iterable[Any]) -> None:
-        self.shared.expect(tensors)
+        self.shared.expect(tensors, self.reader_id)
 
     def load(self, tensor: Any, rows: tuple[int, int] | None = None) -> Any:
         part = self.shared.load(tensor, rows)
