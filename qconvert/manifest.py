@@ -16,7 +16,7 @@ from typing import Any
 
 from . import __version__
 from .errors import InputError
-from .output import file_entry
+from .output import file_entries
 
 MANIFEST_NAME = "qconvert.json"
 MANIFEST_FORMAT = 1
@@ -61,10 +61,11 @@ def build_manifest(
     options: dict[str, Any],
 ) -> dict[str, Any]:
     comps: dict[str, Any] = {}
+    entry = file_entries([p for files in written.values() for p in files])
     for cp in plan.components:
         files = written.get(cp.name, [])
         entries = {
-            p.relative_to(root).as_posix(): file_entry(p)
+            p.relative_to(root).as_posix(): entry[p]
             for p in sorted(files)
         }
         comps[cp.name] = {
@@ -77,7 +78,7 @@ def build_manifest(
             "files": entries,
         }
     other = {
-        p.relative_to(root).as_posix(): file_entry(p)
+        p.relative_to(root).as_posix(): entry[p]
         for p in sorted(written.get("_root", []))
     }
     return {

@@ -271,6 +271,18 @@ def file_entry(path: Path) -> dict[str, Any]:
     return uploaded_entry(path) or {"size": path.stat().st_size, "sha256": sha256_of(path)}
 
 
+def file_entries(paths: list[Path]) -> dict[Path, dict[str, Any]]:
+    """:func:`file_entry` of each path, the files hashed side by side (hashlib releases the GIL:
+    a 12B model's 11-18 GB of output hashes in half the time on two cores)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    unique = sorted(set(paths))
+    if len(unique) < 2:
+        return {p: file_entry(p) for p in unique}
+    with ThreadPoolExecutor(max_workers=min(len(unique), os.cpu_count() or 1)) as pool:
+        return dict(zip(unique, pool.map(file_entry, unique)))
+
+
 def json_bytes(data: Any) -> bytes:
     """The one JSON layout of qconvert's files (sorted keys: deterministic; strict: no NaN)."""
     return (json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8")
