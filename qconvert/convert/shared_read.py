@@ -163,13 +163,25 @@ class SharedReader:
 class _View:
     def __init__(self, shared: SharedReader, reader_id: int) -> None:
         self.shared, self.reader_id = shared, reader_id
+        self._rows: dict[tuple[Any, ...], int] = {}  # tensor -> rows read so far
+        self._lock = threading.Lock()
 
     def expect(self, tensors: Iterable[Any]) -> None:
         self.shared.expect(tensors, self.reader_id)
 
     def load(self, tensor: Any, rows: tuple[int, int] | None = None) -> Any:
         part = self.shared.load(tensor, rows)
-        if rows is None or not tensor.shape or rows[1] >= tensor.shape[0]:
+        # finished once every row was read: the pool reads a tensor's chunks in any order
+        if rows is None or not tensor.shape:
+            done = True
+        else:
+            with self._lock:
+                key = _key(tensor)
+                self._rows[key] = self._rows.get(key, 0) + rows[1] - rows[0]
+                done = self._rows[key] >= tensor.shape[0]
+                if done:
+                    del self._rows[key]
+        if done:
             self.shared.finished(tensor, self.reader_id)
         return part
 
