@@ -50,9 +50,12 @@ class SharedReader:
     ``bytes_read`` (underlying reads), ``bytes_served`` (what the conversions asked for).
     """
 
-    def __init__(self, reader: Any, budget: int = DEFAULT_BUDGET) -> None:
+    def __init__(self, reader: Any, budget: int = DEFAULT_BUDGET, conversions: int = 0) -> None:
         self.reader = reader
         self.budget = budget
+        # reads wait until each of ``conversions`` has said what it will read (or ended): a
+        # conversion that started early would otherwise take a shared tensor for its own
+        self._unregistered = set(range(conversions))
         self.bytes_read = 0
         self.bytes_served = 0
         self._entries: dict[tuple[Any, ...], _Entry] = {}
@@ -89,9 +92,18 @@ class SharedReader:
                     entry.readers += uses == 0
                     self._uses[(key, reader_id)] = uses + 1
 
+    def registered(self, reader_id: int) -> None:
+        """Conversion ``reader_id`` has announced its reads (or will not read at all)."""
+        with self._cond:
+            self._unregistered.discard(reader_id)
+            self._cond.notify_all()
+
     def load(self, tensor: Any, rows: tuple[int, int] | None = None) -> Any:
         import torch
 
+        with self._cond:
+            while self._unregistered:
+                self._cond.wait()
         pieces = []
         for stored, lo, hi in self._stored(tensor) if tensor.shape else []:
             whole = self._whole(_key(stored), stored)
@@ -168,6 +180,7 @@ class _View:
 
     def expect(self, tensors: Iterable[Any]) -> None:
         self.shared.expect(tensors, self.reader_id)
+        self.shared.registered(self.reader_id)
 
     def load(self, tensor: Any, rows: tuple[int, int] | None = None) -> Any:
         part = self.shared.load(tensor, rows)
@@ -213,7 +226,7 @@ def convert_many(source: Any, variants: list[Variant], *, components: tuple[str,
     _import_first(source, variants, components)
     threads = torch.get_num_threads()
     with TensorReader() as base:
-        shared = SharedReader(base, budget)
+        shared = SharedReader(base, budget, conversions=len(variants))
 
         def one(i: int, v: Variant) -> None:
             try:
@@ -222,6 +235,8 @@ def convert_many(source: Any, variants: list[Variant], *, components: tuple[str,
                                      progress=False, options=options, reader=shared.view(i))  # fmt: skip
             except BaseException as e:  # noqa: BLE001 - handed back to the caller, in order
                 results[i] = e
+            finally:
+                shared.registered(i)  # one that failed before announcing its reads
 
         workers = [threading.Thread(target=one, args=(i, v), name=f"qconvert-variant-{i}") for i, v in enumerate(variants)]
         torch.set_num_threads(max(1, threads // len(variants)))
