@@ -186,7 +186,7 @@ def atomic_folder(out: Path, *, overwrite: bool, needed: int | None = None) -> I
             tmp.mkdir()
         try:
             yield tmp
-            _replace(out, tmp)
+            replace_folder(out, tmp)
         except OSError as e:
             if not _is_output_error(e, tmp):
                 raise
@@ -210,7 +210,8 @@ def _write_error(e: OSError, out: Path, needed: int | None) -> Exception:
     return os_error(e, f"writing the output {out}", fix=OUT_FIX) or e
 
 
-def _replace(out: Path, tmp: Path) -> None:
+def replace_folder(out: Path, tmp: Path) -> None:
+    """Put the finished folder ``tmp`` in place of ``out`` (the old one moved aside, then removed)."""
     if out.exists():
         old = out.parent / f".{out.name}{TMP_MARK}{os.getpid()}-old"
         os.rename(out, old)

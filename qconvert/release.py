@@ -399,7 +399,9 @@ def _convert_together(pending: list[tuple[Variant, Job]], source: Any, log: Any)
         groups.setdefault(tuple(job.components), []).append((v, job))
     converted: dict[str, Any] = {}
     for components, members in groups.items():
-        crowded = fit_together([j for _, j in members], source) if len(members) > 1 else "one variant"
+        if len(members) < 2:  # converted on its own by _run_variant
+            continue
+        crowded = fit_together([j for _, j in members], source)
         if crowded:
             log(f"converting {', '.join(v.name for v, _ in members)} one at a time: {crowded}")
             continue

@@ -269,9 +269,7 @@ def _to_f32(raw: np.ndarray, src: str) -> np.ndarray:
     import numpy as np
 
     if src == "BF16":  # exact either way; torch's conversion is ~3x numpy's shift-and-view
-        import torch
-
-        return torch.from_numpy(np.ascontiguousarray(raw)).view(torch.bfloat16).float().numpy()
+        return _source_tensor(raw, src).float().numpy()
     return np.ascontiguousarray(raw, dtype=np.float32)
 
 

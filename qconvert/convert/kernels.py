@@ -162,9 +162,6 @@ def quantize_int8(w: Any) -> tuple[Any, Any]:
     return cb, scb
 
 
-_HALF: dict[Any, Any] = {}
-
-
 def quantize_q8_0(x: Any) -> Any:
     """gguf-py ``quantize(x, Q8_0)`` for rows of ``x`` (float32, bfloat16 or float16; width a
     multiple of 32), as a uint8 tensor of the GGUF bytes, ``(rows, 34 * width / 32)``.
@@ -199,7 +196,6 @@ def _q8_0_pass(src: Any, out: Any) -> None:
     n = blocks.mul_(inv)
     # round half away from zero, exactly as gguf-py's np_roundf for |n| < 2**22 (here
     # |n| <= 127.00002): n + copysign(0.5, n) is exact, and the int8 cast truncates to zero.
-    half = _HALF.get(n.device) or _HALF.setdefault(n.device, torch.tensor(0.5, device=n.device))
-    n.add_(torch.copysign(half, n))
+    n.add_(torch.copysign(torch.tensor(0.5, device=n.device), n))
     out[:, 2:].view(torch.int8).copy_(n)
     out[:, :2].view(torch.float16).copy_(d)

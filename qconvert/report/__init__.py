@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OutputExists, UsageError
+from ..output import replace_folder
 from .collect import Collected, VariantData, check_one_source, collect_local, looks_like_collection, source_label
 from .render import DATA_NAME, HTML_NAME, MARKDOWN_NAME, REPORT_KIND
 from .table import Table, build_table
@@ -118,22 +119,12 @@ def write_report(collected: Collected, out: Path) -> ReportResult:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
             result = _write_files(collected, tmp)
-            _replace(out, tmp)
+            replace_folder(out, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     result.out = out
     return result
-
-
-def _replace(out: Path, tmp: Path) -> None:
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
 
 
 def _write_files(collected: Collected, folder: Path) -> ReportResult:
