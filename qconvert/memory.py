@@ -77,14 +77,31 @@ class PeakSampler:
         return max(0, self.peak_anon - self.baseline_anon)
 
 
-def limit_heap_retention(threshold: int = 1 << 20) -> bool:
-    """Make glibc return big freed blocks to the OS at once (Linux/glibc only).
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+# Blocks up to 32 MiB (glibc's largest mmap threshold) come from the heap: every chunk-sized
+# temporary (CHUNK_VALUES float32 = 16 MiB) reuses freed heap memory instead of a fresh mmap,
+# whose pages the kernel zero-fills on first touch. Bigger blocks (a whole tensor's output)
+# are still mmapped and return to the OS when freed.
+HEAP_BLOCK_LIMIT = 32 << 20
+# At most this much freed memory stays at the top of a heap (per arena: the main thread's and
+# each worker's), so anonymous memory stays near the working set.
+HEAP_RETAIN = 64 << 20
 
-    glibc raises its mmap threshold dynamically (up to 32 MB) after big blocks are freed,
-    after which tensor-sized blocks come from the heap and stay in RSS once freed. Streaming
-    conversion allocates and frees one tensor-sized block after another, so that retention
-    would show as a growing "leak". Fixing the threshold (which disables the adjustment)
-    keeps anonymous memory at the working set. Returns False where mallopt is unavailable.
+
+def tune_heap() -> bool:
+    """Set glibc's allocator for streaming conversion (Linux/glibc only; a process-wide,
+    idempotent setting). Returns False where mallopt is unavailable.
+
+    Conversion allocates and frees chunk-sized blocks (a few MiB to 16 MiB) millions of times.
+    Above glibc's mmap threshold (128 KiB by default; qconvert fixed it at 1 MiB before) each
+    one is a new mapping, and each of its pages a page fault and a zero-fill in the kernel:
+    on the mid-size model (1.93 B params, warm page cache), torchao int8wo had
+    10.9 M minor faults and 34 s of system time against 0.2 M and 7 s with this setting, and
+    its wall time went from ~40 s to ~23 s. A fixed threshold also switches off glibc's
+    dynamic one, which would let *tensor*-sized freed blocks (hundreds of MB) pile up in the
+    heap; the trim threshold bounds what a heap keeps (peak anonymous memory on mid-size:
+    0.50 -> 0.58 GB for int8wo, 0.44 -> 0.48 GB for nf4).
     """
     import ctypes
     import ctypes.util
@@ -94,9 +111,9 @@ def limit_heap_retention(threshold: int = 1 << 20) -> bool:
         return False
     try:
         libc = ctypes.CDLL(name)
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        ok = libc.mallopt(m_mmap_threshold, threshold) == 1
-        libc.mallopt(m_trim_threshold, threshold)
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, HEAP_BLOCK_LIMIT) == 1
+        libc.mallopt(_M_TRIM_THRESHOLD, HEAP_RETAIN)
+        libc.mallopt(_M_TOP_PAD, HEAP_RETAIN // 2)
         return ok
     except (OSError, AttributeError):
         return False

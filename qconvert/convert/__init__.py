@@ -156,9 +156,9 @@ def convert(
     ``shard_sink``: where a pipeline's finished shards go instead of staying in ``out``
     (:class:`qconvert.uploads.ShardUploader`: uploaded, committed later by push); ``reader``:
     a reader shared with conversions running beside this one (:func:`convert_many`)."""
-    from ..memory import limit_heap_retention
+    from ..memory import tune_heap
 
-    limit_heap_retention()
+    tune_heap()
     options = dict(options or {})
     backend = get_backend(backend_name, scheme, **options)
     backend.check_environment()
