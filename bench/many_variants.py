@@ -70,10 +70,20 @@ def run_measured(cmd: list[str]) -> dict:
 
 
 def _digests(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder``, then the folder is deleted: the separate runs'
+    outputs never share the disk with the together run's (at full size they would not fit)."""
     import hashlib
 
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h = hashlib.sha256()
+            with open(p, "rb") as fh:
+                while block := fh.read(16 << 20):
+                    h.update(block)
+            out[p.relative_to(folder).as_posix()] = h.hexdigest()
+    shutil.rmtree(folder)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     variants = a.variants.split(",")
     work = Path(a.workdir or tempfile.mkdtemp(prefix="qconvert-many-"))
     separate = {"wall_s": 0.0, "read_bytes": 0, "peak_anon": 0, "runs": {}}
+    digests = {}
     for v in variants:
         backend, scheme = v.split(":")
         evict(files)
@@ -101,14 +112,14 @@ def main(argv: list[str] | None = None) -> int:
                           "--scheme", scheme, "--out", str(work / "separate" / v.replace(":", "-")), "--no-validate",
                           "--components", a.components])  # fmt: skip
         separate["runs"][v] = {k: r[k] for k in ("wall_s", "read_bytes", "peak_anon")}
+        digests[v] = _digests(work / "separate" / v.replace(":", "-"))
         separate["wall_s"] += r["wall_s"]
         separate["read_bytes"] += r["read_bytes"]
         separate["peak_anon"] = max(separate["peak_anon"], r["peak_anon"])
         print(v, separate["runs"][v], flush=True)
     evict(files)
     together = run_measured([sys.executable, "-c", TOGETHER, a.source, str(work / "together"), a.components, *variants])
-    identical = all(_digests(work / "separate" / v.replace(":", "-")) == _digests(work / "together" / v.replace(":", "-"))
-                    for v in variants)  # fmt: skip
+    identical = all(digests[v] == _digests(work / "together" / v.replace(":", "-")) for v in variants)
     shutil.rmtree(work, ignore_errors=True)
     source_bytes = sum(src.components[c].nbytes for c in comps)
     result = {

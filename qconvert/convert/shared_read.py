@@ -10,9 +10,9 @@ scheduler, and read through one :class:`SharedReader`. The first conversion to a
 tensor reads it whole from the underlying reader; the others get rows of that copy. A tensor
 is dropped as soon as every conversion that plans to read it has finished reading it (the
 planned readers are counted up front), and the copies held are bounded by ``budget`` bytes:
-a conversion that runs ahead waits while the budget is full of tensors the others have not
-reached yet — unless it is the one they all wait for, in which case it reads uncached
-(never a deadlock; only some repeated reads). The outputs are those of separate runs, byte
+a conversion that asks for a tensor while the budget is full of tensors the others have not
+reached yet reads it uncached, without waiting (never a stall; only some repeated reads,
+most where the conversions read in different orders, as GGUF and safetensors outputs do). The outputs are those of separate runs, byte
 for byte: a chunk is the same rows of the same tensor whichever reader produced it.
 """
 
@@ -152,9 +152,12 @@ class SharedReader:
             nbytes = tensor.nbytes
             if nbytes > self.budget:
                 return None
-            while self._held + nbytes > self.budget and self._held > 0:
-                if not self._cond.wait(timeout=0.5):
-                    return None  # the others are behind this one: read uncached rather than wait
+            if self._held + nbytes > self.budget and self._held > 0:
+                # The budget is full of tensors the others have not reached: read uncached, never
+                # wait. Waiting for room stalled both conversions of nf4 + Q8_0 at full size: the
+                # GGUF's tensor order is not the safetensors', so each one's held tensors were the
+                # ones the other reads later, and each chunk waited out a timeout.
+                return None
             entry.loading = True
             self._held += nbytes
         try:
