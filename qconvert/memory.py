@@ -79,9 +79,9 @@ class PeakSampler:
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-# Blocks up to 32 MiB (glibc's largest mmap threshold) come from the heap: every chunk-sized
-# temporary (CHUNK_VALUES float32 = 16 MiB) reuses freed heap memory instead of a fresh mmap,
-# whose pages the kernel zero-fills on first touch. Bigger blocks (a whole tensor's output)
+# Blocks up to 32 MiB (the ceiling of glibc's own dynamic threshold) come from the heap: every
+# chunk-sized temporary (CHUNK_VALUES float32 = 16 MiB) reuses freed heap memory instead of a
+# fresh mmap, whose pages the kernel zero-fills on first touch. Bigger blocks (a whole tensor's output)
 # are still mmapped and return to the OS when freed.
 HEAP_BLOCK_LIMIT = 32 << 20
 # At most this much freed memory stays at the top of a heap (per arena: the main thread's and

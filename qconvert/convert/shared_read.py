@@ -12,8 +12,9 @@ is dropped as soon as every conversion that plans to read it has finished readin
 planned readers are counted up front), and the copies held are bounded by ``budget`` bytes:
 a conversion that asks for a tensor while the budget is full of tensors the others have not
 reached yet reads it uncached, without waiting (never a stall; only some repeated reads,
-most where the conversions read in different orders, as GGUF and safetensors outputs do). The outputs are those of separate runs, byte
-for byte: a chunk is the same rows of the same tensor whichever reader produced it.
+most where the conversions read in different orders, as GGUF and safetensors outputs do).
+The outputs are those of separate runs, byte for byte: a chunk is the same rows of the same
+tensor whichever reader produced it.
 """
 
 from __future__ import annotations
