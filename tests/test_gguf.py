@@ -547,6 +547,31 @@ def test_transformer_only_components(source, tmp_path):
     assert res.manifest["components"]["transformer"]["files"]
 
 
+
+def test_manifest_sha256_is_taken_while_writing(source, tmp_path, monkeypatch):
+    """A GGUF file is hashed as its bytes are written: the manifest's sha256 is the file's, and
+    the file is never read back for it (at full size that was a second read from disk)."""
+    import hashlib
+
+    from qconvert import output
+    from qconvert.convert import convert
+
+    real = output.sha256_of
+
+    def no_gguf_read_back(path, *a, **k):
+        assert not str(path).endswith(".gguf"), f"{path} read back to hash it"
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(output, "sha256_of", no_gguf_read_back)
+    res = convert(source, "gguf", "Q4_K_S", tmp_path / "t", progress=False)
+    files = {name: e for c in res.manifest["components"].values() for name, e in c["files"].items()}
+    ggufs = [name for name in files if name.endswith(".gguf")]
+    assert len(ggufs) == 2, files  # the transformer's and T5's
+    for name in ggufs:
+        data = (res.out / name).read_bytes()
+        assert files[name] == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert not [p for p in output._HASHED if p.name in ggufs]  # each record was used once
+
 # --- command line ------------------------------------------------------------------------------------
 
 

@@ -357,9 +357,35 @@ class _Streamed:
         self.written = 0
 
     def tofile(self, fh: Any) -> None:
+        import numpy as np
+
         for arr in self._chunks:
-            arr.tofile(fh)
+            fh.write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))  # through _HashingFile
             self.written += arr.nbytes
+
+
+class _HashingFile:
+    """The GGUF file as ``GGUFWriter`` sees it: every byte it writes also goes into a sha256.
+    The writer only appends (header, KV, tensor infos, padding, data), so that is the sha256
+    of the file, with no second read (hashlib releases the GIL while the workers encode)."""
+
+    def __init__(self, fh: Any) -> None:
+        import hashlib
+
+        self.fh, self.sha256 = fh, hashlib.sha256()
+
+    def write(self, data: Any) -> int:
+        self.sha256.update(data)
+        return self.fh.write(data)
+
+    def tell(self) -> int:
+        return self.fh.tell()
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+    def close(self) -> None:
+        self.fh.close()
 
 
 # --- backend ---------------------------------------------------------------------------------------
@@ -625,6 +651,9 @@ class GGUFBackend(Backend):
                 tp.bytes_out,
                 raw_dtype=gguf.GGMLQuantizationType[str(tp.target)],
             )
+        writer.open_output_file(path)  # write_header_to_file then keeps this (wrapped) file
+        assert writer.fout is not None and len(writer.fout) == 1
+        hashing = writer.fout[0] = _HashingFile(writer.fout[0])
         writer.write_header_to_file(path=path)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
@@ -639,6 +668,9 @@ class GGUFBackend(Backend):
                     progress(tp.bytes_in)
         finally:
             writer.close()
+        from ..output import note_hashed
+
+        note_hashed(path, hashing.sha256.hexdigest())
 
     # --- cards: a single-file GGUF transformer (and T5) + the base pipeline ------------------
 
