@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
-from qconvert.convert import ggml_weighted
+from qconvert.convert import ggml_jit, ggml_weighted
 from qconvert.convert.ggml_weighted import WEIGHTED_TYPES, quantize_weighted
 from qconvert.convert.kquants import quantize_kquant
 
@@ -43,8 +43,37 @@ def _quiet(x, qtype, weights=None):
         return quantize_weighted(x, qtype, weights)
 
 
+_COMPILED = ("qkx3_search", "make_qp_search", "k_prologue")
+
+
+@pytest.fixture(params=["compiled", "numpy"])
+def search_impl(request, monkeypatch):
+    """Both implementations of the searches: ggml_jit's compiled loops and the numpy path."""
+    if request.param == "numpy":
+        for name in _COMPILED:
+            monkeypatch.setattr(ggml_jit, name, None)
+    return request.param
+
+
+def test_compiled_loops_are_installed():
+    """numba is part of qconvert[all]: the fast path must not silently fall back."""
+    assert all(getattr(ggml_jit, name) is not None for name in _COMPILED)
+
+
 @pytest.mark.parametrize("qtype", WEIGHTED_TYPES)
-def test_matches_ggml_bytes(qtype, golden):
+def test_compiled_equals_numpy(qtype, monkeypatch):
+    """Block counts that leave a partial tile, Student-t data, per-column importance weights."""
+    x = np.random.default_rng(5).standard_t(3, size=(7, 1280)).astype(np.float32)
+    w = np.random.default_rng(6).exponential(size=1280).astype(np.float32)
+    compiled = _quiet(x, qtype), _quiet(x, qtype, w)
+    for name in _COMPILED:
+        monkeypatch.setattr(ggml_jit, name, None)
+    assert np.array_equal(compiled[0], _quiet(x, qtype))
+    assert np.array_equal(compiled[1], _quiet(x, qtype, w))
+
+
+@pytest.mark.parametrize("qtype", WEIGHTED_TYPES)
+def test_matches_ggml_bytes(qtype, golden, search_impl):
     """Every case (Gaussian, Student-t, all-zero blocks, ties, subnormals, large, the largest
     bf16 values) and the non-uniform importance vector: all blocks identical to ggml's."""
     inputs, w, cases = golden

@@ -170,7 +170,14 @@ class _Qkx3:
 
     def __init__(self, x: np.ndarray, w: np.ndarray, nmax: int, rmin: float = -0.9,
                  rdelta: float = 0.05, nstep: int = 36) -> None:
-        self.x, self.w, self.nmax = x, w, nmax
+        self.x, self.nmax = x, nmax
+        from .ggml_jit import qkx3_search
+        if qkx3_search is not None:  # the same search compiled: two fused passes per trial
+            (self.scale, mn, self.iscale, self.offset, self.xmin, self.xmax,
+             self.degen) = qkx3_search(x, w, nmax, rmin, rdelta, nstep)
+            self.the_min = (-mn).astype(_f32)
+            return
+        self.w = w
         self.xmin, self.xmax = x.min(axis=0), x.max(axis=0)
         mn = np.where(self.xmin > 0, _f32(0), self.xmin)  # `if (min > 0) min = 0;` (-0.0 stays, as in C)
         self.degen = self.xmax <= mn
@@ -249,6 +256,9 @@ def _make_qp(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray, np.nd
     9 trial inverse scales (0.1*is + nmax)/max by weighted squared error, then up to 5
     coordinate-descent sweeps maximising (sum w x l)^2 / sum w l^2. Returns (scale, levels
     as the uint8_t array ggml stores)."""
+    from .ggml_jit import make_qp_search
+    if make_qp_search is not None:  # the same code compiled, one column at a time
+        return make_qp_search(x, w, nmax)
     mx = np.maximum(x.max(axis=0), _f32(0))
     zero = mx < GROUP_MAX_EPS
     mx = np.where(zero, _f32(1), mx)
@@ -371,6 +381,9 @@ def _q5_1(rows, qw):
 
 def _k_prologue(blocks, qw, sub: int, sigma_factor: float):
     """blocks (C, 256) -> (x, w, sw) with x, w (sub, C*256/sub), sw (C, 256/sub)."""
+    from .ggml_jit import k_prologue
+    if k_prologue is not None and qw is None:  # one pass instead of a transpose and five
+        return k_prologue(blocks, sub, sigma_factor)
     C = blocks.shape[0]
     sumx2 = _sum0(np.ascontiguousarray(blocks.T) ** 2)
     sigma2 = np.repeat(_f32(sigma_factor) * sumx2 / _f32(QK_K), QK_K // sub)
