@@ -5,7 +5,9 @@ One thread, a seeded Gaussian float32 matrix (default 4096 x 4096): relative err
 
 * ``reference``: what ``gguf_search = "reference"`` writes (gguf-py's Q4_0..Q5_1, kquants'
   Q2_K..Q6_K: ggml's ``quantize_row_*_ref`` bytes),
-* ``weighted``: qconvert.convert.ggml_weighted with all-ones weights (the default),
+* ``weighted``: qconvert.convert.ggml_weighted with all-ones weights (the default; its
+  compiled loops, convert/ggml_jit.py, where numba is installed),
+* ``weighted_numpy``: the same search on the numpy path (no numba), and whether its bytes equal,
 * with ``--ggml-lib``: ggml's own C ``quantize_<type>(..., all-ones)`` on the same machine,
   and whether its bytes equal qconvert's on the whole matrix.
 
@@ -46,6 +48,21 @@ def reference(qtype: str):
     return lambda x: quants.quantize(x, Q[qtype])
 
 
+def numpy_path(fn, *args):
+    """Call fn with ggml_jit's compiled loops switched off."""
+    from qconvert.convert import ggml_jit
+
+    names = ("qkx3_search", "make_qp_search", "make_qx_search", "k_prologue")
+    saved = [getattr(ggml_jit, n) for n in names]
+    for n in names:
+        setattr(ggml_jit, n, None)
+    try:
+        return fn(*args)
+    finally:
+        for n, v in zip(names, saved):
+            setattr(ggml_jit, n, v)
+
+
 def measure(name: str, fn, x: np.ndarray, qtype: str, reps: int) -> dict:
     out, wall, cpu = time_fn(fn, x, reps)
     err = float(np.linalg.norm(quants.dequantize(out, Q[qtype]) - x) / np.linalg.norm(x))
@@ -77,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         res = {}
         res["reference"], _ = measure("reference", reference(qtype), x, qtype, a.reps)
         res["weighted"], ours = measure("weighted", lambda v: quantize_weighted(v, qtype), x, qtype, a.reps)
+        res["weighted_numpy"], plain = measure("w. numpy", lambda v: numpy_path(quantize_weighted, v, qtype), x, qtype, a.reps)
+        res["bytes_equal_numpy"] = bool(np.array_equal(plain, ours))
         if run_c is not None:
             res["ggml_c_weighted"], theirs = measure("ggml C", lambda v: run_c(qtype, v), x, qtype, a.reps)
             res["bytes_equal_ggml"] = bool(np.array_equal(theirs.reshape(-1), ours.reshape(-1)))

@@ -43,7 +43,7 @@ def _quiet(x, qtype, weights=None):
         return quantize_weighted(x, qtype, weights)
 
 
-_COMPILED = ("qkx3_search", "make_qp_search", "k_prologue")
+_COMPILED = ("qkx3_search", "make_qp_search", "make_qx_search", "k_prologue")
 
 
 @pytest.fixture(params=["compiled", "numpy"])

@@ -23,7 +23,7 @@ import os
 
 import numpy as np
 
-__all__ = ["k_prologue", "make_qp_search", "qkx3_search"]
+__all__ = ["k_prologue", "make_qp_search", "make_qx_search", "qkx3_search"]
 
 
 try:
@@ -185,6 +185,86 @@ if _jit is not None:
 
 
     @_jit
+    def _qx_sums(x, w, iscale, nmax, bad, scratch, s_lx, s_l2):
+        """ggml's sumlx, suml2 for l = clip(nearest_int(iscale*x), -nmax, nmax-1)."""
+        s_lx[:] = ZERO
+        s_l2[:] = ZERO
+        for i in range(x.shape[0]):
+            for b in range(TILE):
+                l = min(max(np.rint(iscale[b] * x[i, b]), -nmax), nmax - ONE)
+                s_lx[b] += w[i, b] * x[i, b] * l
+                s_l2[b] += w[i, b] * l * l
+        for b in range(TILE):  # rare: iscale overflowed or NaN data, where rint != nearest_int
+            if bad[b]:
+                s_lx[b] = ZERO
+                s_l2[b] = ZERO
+                for i in range(x.shape[0]):
+                    l = min(max(_c_nearest_int(iscale[b] * x[i, b], scratch), -nmax), nmax - ONE)
+                    s_lx[b] += w[i, b] * x[i, b] * l
+                    s_l2[b] += w[i, b] * l * l
+
+    @_jit
+    def _qx_tile(x, w, nmax, scale, best_is, mx, zero):
+        """make_qx_quants(n, nmax, x, L, rmse_type 1, qw=w) on the TILE columns of x, w."""
+        bad, nan = np.empty(TILE, np.bool_), np.zeros(TILE, np.bool_)
+        iscale, s_lx, s_l2, best = np.empty(TILE, f32), np.empty(TILE, f32), np.empty(TILE, f32), np.empty(TILE, f32)
+        scratch = np.empty(1, f32)
+        amax = np.zeros(TILE, f32)
+        mx[:] = ZERO
+        for i in range(x.shape[0]):
+            for b in range(TILE):
+                ax = abs(x[i, b])
+                if ax > amax[b]:  # NaN is skipped, as C's fabsf(x) > amax
+                    amax[b] = ax
+                    mx[b] = x[i, b]
+                if x[i, b] != x[i, b]:
+                    nan[b] = True
+        for b in range(TILE):
+            zero[b] = amax[b] < GROUP_MAX_EPS
+            if zero[b]:
+                mx[b] = ONE
+            iscale[b] = -nmax / mx[b]
+            bad[b] = nan[b] or not np.isfinite(iscale[b] * mx[b])
+        _qx_sums(x, w, iscale, nmax, bad, scratch, s_lx, s_l2)
+        for b in range(TILE):
+            scale[b] = s_lx[b] / s_l2[b] if s_l2[b] != ZERO else ZERO
+            best[b] = scale[b] * s_lx[b]
+            best_is[b] = iscale[b]
+        for step in range(-9, 10):
+            if step == 0:
+                continue
+            for b in range(TILE):
+                iscale[b] = -(nmax + f32(0.1) * f32(step)) / mx[b]
+                bad[b] = nan[b] or not np.isfinite(iscale[b] * mx[b])
+            _qx_sums(x, w, iscale, nmax, bad, scratch, s_lx, s_l2)
+            for b in range(TILE):
+                if s_l2[b] > ZERO and s_lx[b] * s_lx[b] > best[b] * s_l2[b]:
+                    scale[b] = s_lx[b] / s_l2[b]
+                    best[b] = scale[b] * s_lx[b]
+                    best_is[b] = iscale[b]
+        for b in range(TILE):
+            if zero[b]:
+                scale[b] = ZERO
+
+    @_jit
+    def _make_qx(x, w, nmax):
+        """make_qx_quants over the columns of x (n, B): (scale, winning iscale, signed max, all-zero)."""
+        n, B = x.shape
+        Bp = -(-B // TILE) * TILE
+        scale, best_is, mx, zero = np.empty(Bp, f32), np.empty(Bp, f32), np.empty(Bp, f32), np.empty(Bp, np.bool_)
+        xt, wt = np.zeros((n, TILE), f32), np.zeros((n, TILE), f32)
+        for b0 in range(0, B, TILE):
+            m = min(B, b0 + TILE) - b0
+            if m < TILE:
+                xt[:] = ZERO
+                wt[:] = ZERO
+            xt[:, :m] = x[:, b0:b0 + m]
+            wt[:, :m] = w[:, b0:b0 + m]
+            b1 = b0 + TILE
+            _qx_tile(xt, wt, nmax, scale[b0:b1], best_is[b0:b1], mx[b0:b1], zero[b0:b1])
+        return scale[:B], best_is[:B], mx[:B], zero[:B]
+
+    @_jit
     def _wrap8(v):
         # (uint8_t)(int) v as x86 converts: out of int32's range (inf, NaN) -> INT_MIN -> 0
         return f32(np.int32(v) & 0xFF) if abs(v) < f32(2147483648.0) else ZERO
@@ -292,7 +372,13 @@ def _k_prologue_cols(blocks, sub, sigma_factor):
     return _k_prologue(np.ascontiguousarray(blocks, dtype=f32), sub, f32(sigma_factor))
 
 
+def _make_qx_search(x, w, nmax):
+    """make_qx_quants over the columns of x, w ((n, B) float32): (scale, winning iscale, max, zero)."""
+    return _make_qx(np.ascontiguousarray(x, dtype=f32), np.ascontiguousarray(w, dtype=f32), f32(nmax))
+
+
 _ON = _jit is not None and not os.environ.get("QCONVERT_NO_JIT")
 make_qp_search = _make_qp_search if _ON else None
 k_prologue = _k_prologue_cols if _ON else None
+make_qx_search = _make_qx_search if _ON else None
 qkx3_search = _qkx3_search if _ON else None
