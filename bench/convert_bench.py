@@ -38,22 +38,29 @@ def _status(pid: int) -> dict[str, int]:
                 out[k] = int(v.split()[0]) * 1024
     except OSError:
         pass
+    try:  # bytes the process caused to be read from storage (page-cache hits not counted)
+        for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+            if line.startswith("read_bytes:"):
+                out["read_bytes"] = int(line.split()[1])
+    except OSError:
+        pass
     return out
 
 
 def run_sampled(cmd: list[str], env: dict | None = None) -> dict:
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    peak_anon = peak_rss = 0
+    peak_anon = peak_rss = read_bytes = 0
     while p.poll() is None:
         st = _status(p.pid)
         peak_anon = max(peak_anon, st.get("RssAnon", 0))
         peak_rss = max(peak_rss, st.get("VmRSS", 0))
+        read_bytes = max(read_bytes, st.get("read_bytes", 0))  # the last sample, 50 ms before exit
         time.sleep(0.05)
     out, err = p.communicate()
     return {
         "returncode": p.returncode, "wall_s": round(time.perf_counter() - t0, 2),
-        "peak_anon": peak_anon, "peak_rss": peak_rss, "stdout": out[-2000:], "stderr": err[-2000:],
+        "peak_anon": peak_anon, "peak_rss": peak_rss, "read_bytes": read_bytes, "stdout": out[-2000:], "stderr": err[-2000:],
     }  # fmt: skip
 
 
@@ -154,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file()) if out.exists() else 0
         row = {"backend": backend, "scheme": scheme, "path": "qconvert", "returncode": r["returncode"],
                "wall_s": r["wall_s"], "peak_anon": r["peak_anon"], "peak_rss": r["peak_rss"],
-               "bytes_out": size, "mparam_s": round(params / r["wall_s"] / 1e6, 1)}  # fmt: skip
+               "bytes_out": size, "read_bytes": r["read_bytes"], "mparam_s": round(params / r["wall_s"] / 1e6, 1)}  # fmt: skip
         if r["returncode"]:
             row["stderr"] = r["stderr"]
         shutil.rmtree(out, ignore_errors=True)
