@@ -35,6 +35,7 @@ f32 = np.float32
 ZERO, ONE, MAGIC = f32(0.0), f32(1.0), f32(12582912.0)  # MAGIC = 1.5 * 2**23
 GROUP_MAX_EPS = f32(1e-15)
 _jit = numba.njit(nogil=True, cache=True, error_model="numpy") if numba is not None else None
+_inline = numba.njit(inline="always", cache=True, error_model="numpy") if numba is not None else None  # inlined in numba's IR: the loops stay vectorized
 
 TILE = 128  # blocks searched together (a multiple of any vector width): x, w and levels, 3 x 16 KiB, stay near L1
 
@@ -46,6 +47,15 @@ if _jit is not None:
         scratch[0] = t + MAGIC
         return f32((scratch.view(np.int32)[0] & 0x007FFFFF) - 0x00400000)
 
+    @_inline
+    def _add_level(x, w, i, b, l, lv, s_l, s_l2, s_xl):
+        """Store level l of element i of block b; add it to ggml's sum_l, sum_l2, sum_xl."""
+        lv[i, b] = l
+        wl = w[i, b] * l
+        s_l[b] += wl
+        s_l2[b] += wl * l
+        s_xl[b] += wl * x[i, b]
+
     @_jit
     def _levels_sums(x, w, iscale, mn, nmax, lv, s_l, s_l2, s_xl):
         """lv = clip(rint(iscale*(x - min)), 0, nmax) and ggml's sum_l, sum_l2, sum_xl, for the
@@ -55,12 +65,8 @@ if _jit is not None:
         s_xl[:] = ZERO
         for i in range(x.shape[0]):
             for b in range(TILE):
-                l = min(max(np.rint(iscale[b] * (x[i, b] - mn[b])), ZERO), nmax)
-                lv[i, b] = l
-                wl = w[i, b] * l
-                s_l[b] += wl
-                s_l2[b] += wl * l
-                s_xl[b] += wl * x[i, b]
+                _add_level(x, w, i, b, min(max(np.rint(iscale[b] * (x[i, b] - mn[b])), ZERO), nmax),
+                           lv, s_l, s_l2, s_xl)
 
     @_jit
     def _fix_overflowed(x, w, iscale, mn, xmin, xmax, nmax, lv, s_l, s_l2, s_xl, scratch):
@@ -74,11 +80,7 @@ if _jit is not None:
             s_xl[b] = ZERO
             for i in range(x.shape[0]):
                 l = min(max(_c_nearest_int(iscale[b] * (x[i, b] - mn[b]), scratch), ZERO), nmax)
-                lv[i, b] = l
-                wl = w[i, b] * l
-                s_l[b] += wl
-                s_l2[b] += wl * l
-                s_xl[b] += wl * x[i, b]
+                _add_level(x, w, i, b, l, lv, s_l, s_l2, s_xl)
 
     @_jit
     def _errors(x, w, lv, scale, mn, err):
