@@ -161,6 +161,18 @@ if _jit is not None:
             if degen[b]:
                 scale[b] = ZERO
 
+    @_inline
+    def _load_tile(x, w, b0, xt, wt):
+        """Columns b0.. of x, w into the TILE-wide buffers; past the end, all-zero blocks (which
+        every search leaves alone: degenerate or all-zero). Contiguous copies, because rows
+        B*4 bytes apart would alias in L1."""
+        m = min(x.shape[1], b0 + TILE) - b0
+        if m < TILE:
+            xt[:] = ZERO
+            wt[:] = ZERO
+        xt[:, :m] = x[:, b0:b0 + m]
+        wt[:, :m] = w[:, b0:b0 + m]
+
     @_jit
     def _qkx3(x, w, nmax, rmin, rdelta, nstep):
         """make_qkx3_quants (mse) for every column of x (n, B), TILE columns at a time.
@@ -172,12 +184,7 @@ if _jit is not None:
         xmin, xmax, degen = np.empty(Bp, f32), np.empty(Bp, f32), np.empty(Bp, np.bool_)
         xt, wt = np.zeros((n, TILE), f32), np.zeros((n, TILE), f32)
         for b0 in range(0, B, TILE):
-            m = min(B, b0 + TILE) - b0
-            if m < TILE:
-                xt[:] = ZERO
-                wt[:] = ZERO
-            xt[:, :m] = x[:, b0:b0 + m]  # contiguous copies: rows B*4 bytes apart would alias in L1
-            wt[:, :m] = w[:, b0:b0 + m]
+            _load_tile(x, w, b0, xt, wt)
             b1 = b0 + TILE
             _search_tile(xt, wt, nmax, rmin, rdelta, nstep, scale[b0:b1], mn[b0:b1],
                          best_is[b0:b1], offset[b0:b1], xmin[b0:b1], xmax[b0:b1], degen[b0:b1])
@@ -256,12 +263,7 @@ if _jit is not None:
         scale, best_is, mx, zero = np.empty(Bp, f32), np.empty(Bp, f32), np.empty(Bp, f32), np.empty(Bp, np.bool_)
         xt, wt = np.zeros((n, TILE), f32), np.zeros((n, TILE), f32)
         for b0 in range(0, B, TILE):
-            m = min(B, b0 + TILE) - b0
-            if m < TILE:
-                xt[:] = ZERO
-                wt[:] = ZERO
-            xt[:, :m] = x[:, b0:b0 + m]
-            wt[:, :m] = w[:, b0:b0 + m]
+            _load_tile(x, w, b0, xt, wt)
             b1 = b0 + TILE
             _qx_tile(xt, wt, nmax, scale[b0:b1], best_is[b0:b1], mx[b0:b1], zero[b0:b1])
         return scale[:B], best_is[:B], mx[:B], zero[:B]
