@@ -13,8 +13,8 @@ fast-math, so LLVM neither contracts a*b + c into an FMA nor reorders a sum; vec
 changes nothing. ``tests/test_ggml_weighted.py`` checks the bytes against ggml's golden file
 and against the numpy path on every golden input.
 
-numba is optional (``pip install qconvert[fast]``, in ``[all]``): without it, or with
-``QCONVERT_NO_JIT=1``, :func:`qkx3_search` is None and the numpy path runs.
+numba comes with the ``gguf`` extra (``pip install qconvert[gguf]``): without it, or with
+``QCONVERT_NO_JIT=1``, the four entry points below are None and the numpy path runs.
 """
 
 from __future__ import annotations
@@ -123,11 +123,10 @@ if _jit is not None:
     @_jit
     def _search_tile(x, w, nmax, rmin, rdelta, nstep, scale, mn, best_is, offset, xmin, xmax, degen):
         """make_qkx3_quants on the TILE columns of x, w (outputs: the views given)."""
-        T = x.shape[1]
-        sum_w, sum_x, mx, iscale = np.empty(T, f32), np.empty(T, f32), np.empty(T, f32), np.empty(T, f32)
-        s_l, s_l2, s_xl = np.empty(T, f32), np.empty(T, f32), np.empty(T, f32)
-        best, cur, t_scale, t_min, D = (np.empty(T, f32), np.empty(T, f32), np.empty(T, f32),
-                                        np.empty(T, f32), np.empty(T, f32))
+        sum_w, sum_x, mx, iscale = np.empty(TILE, f32), np.empty(TILE, f32), np.empty(TILE, f32), np.empty(TILE, f32)
+        s_l, s_l2, s_xl = np.empty(TILE, f32), np.empty(TILE, f32), np.empty(TILE, f32)
+        best, cur, t_scale, t_min, D = (np.empty(TILE, f32), np.empty(TILE, f32), np.empty(TILE, f32),
+                                        np.empty(TILE, f32), np.empty(TILE, f32))
         lv = np.empty_like(x)
         scratch = np.empty(1, f32)
         _range_and_sums(x, w, xmin, xmax, sum_w, sum_x)
@@ -192,7 +191,6 @@ if _jit is not None:
         xmin, xmax, degen = xmin[:B], xmax[:B], degen[:B]
         return scale, mn, best_is, offset, xmin, xmax, degen
 
-
     @_jit
     def _qx_sums(x, w, iscale, nmax, bad, scratch, s_lx, s_l2):
         """ggml's sumlx, suml2 for l = clip(nearest_int(iscale*x), -nmax, nmax-1)."""
@@ -213,9 +211,10 @@ if _jit is not None:
                     s_l2[b] += w[i, b] * l * l
 
     @_jit
-    def _qx_tile(x, w, nmax, scale, best_is, mx, zero):
+    def _qx_tile(x, w, nmax, scale, best_is, mx, zero, nan):
         """make_qx_quants(n, nmax, x, L, rmse_type 1, qw=w) on the TILE columns of x, w."""
-        bad, nan = np.empty(TILE, np.bool_), np.zeros(TILE, np.bool_)
+        bad = np.empty(TILE, np.bool_)
+        nan[:] = False
         iscale, s_lx, s_l2, best = np.empty(TILE, f32), np.empty(TILE, f32), np.empty(TILE, f32), np.empty(TILE, f32)
         scratch = np.empty(1, f32)
         amax = np.zeros(TILE, f32)
@@ -257,16 +256,18 @@ if _jit is not None:
 
     @_jit
     def _make_qx(x, w, nmax):
-        """make_qx_quants over the columns of x (n, B): (scale, winning iscale, signed max, all-zero)."""
+        """make_qx_quants over the columns of x (n, B): (scale, winning iscale, signed max, all-zero,
+        has NaN)."""
         n, B = x.shape
         Bp = -(-B // TILE) * TILE
-        scale, best_is, mx, zero = np.empty(Bp, f32), np.empty(Bp, f32), np.empty(Bp, f32), np.empty(Bp, np.bool_)
+        scale, best_is, mx = np.empty(Bp, f32), np.empty(Bp, f32), np.empty(Bp, f32)
+        zero, nan = np.empty(Bp, np.bool_), np.empty(Bp, np.bool_)
         xt, wt = np.zeros((n, TILE), f32), np.zeros((n, TILE), f32)
         for b0 in range(0, B, TILE):
             _load_tile(x, w, b0, xt, wt)
             b1 = b0 + TILE
-            _qx_tile(xt, wt, nmax, scale[b0:b1], best_is[b0:b1], mx[b0:b1], zero[b0:b1])
-        return scale[:B], best_is[:B], mx[:B], zero[:B]
+            _qx_tile(xt, wt, nmax, scale[b0:b1], best_is[b0:b1], mx[b0:b1], zero[b0:b1], nan[b0:b1])
+        return scale[:B], best_is[:B], mx[:B], zero[:B], nan[:B]
 
     @_jit
     def _wrap8(v):
@@ -335,7 +336,6 @@ if _jit is not None:
             scale[b] = _qp_column(x, w, b, nmax, L)
         return scale, L
 
-
     @_jit
     def _k_prologue(blocks, sub, sigma_factor):
         """ggml's K-type preamble: x in the columns layout, w = sqrt(sigma2 + x*x) with
@@ -377,7 +377,8 @@ def _k_prologue_cols(blocks, sub, sigma_factor):
 
 
 def _make_qx_search(x, w, nmax):
-    """make_qx_quants over the columns of x, w ((n, B) float32): (scale, winning iscale, max, zero)."""
+    """make_qx_quants over the columns of x, w ((n, B) float32): (scale, winning iscale, max,
+    all-zero, has NaN)."""
     return _make_qx(np.ascontiguousarray(x, dtype=f32), np.ascontiguousarray(w, dtype=f32), f32(nmax))
 
 

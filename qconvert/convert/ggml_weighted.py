@@ -129,8 +129,7 @@ def _make_qx(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray, np.nd
     weighted least-squares fit. Returns (scale, stored levels l + nmax, 0 for all-zero)."""
     from .ggml_jit import make_qx_search
     if make_qx_search is not None:  # the search compiled (one fused pass per trial); levels here
-        scale, best_is, mx, zero = make_qx_search(x, w, nmax)
-        nan = np.isnan(x).any(axis=0)  # NaN scales (Q3_K's second level on float-max data)
+        scale, best_is, mx, zero, nan = make_qx_search(x, w, nmax)  # nan: Q3_K's second level on float-max data
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             levels = _qx_levels(x, best_is, nmax, mx, nan) + _f32(nmax)
         levels[:, zero] = 0
