@@ -27,6 +27,7 @@ from .errors import (
     register_secret,
     worded,
 )
+from .quiet import quiet_libraries
 
 BACKEND_NAMES = tuple(BACKENDS)  # the registry (backend modules import no dependency: --help stays instant)
 
@@ -60,66 +61,6 @@ class State:
     def info(self, msg: str) -> None:
         if not self.quiet:
             click.echo(redact(msg), err=True)
-
-
-def _quiet_libraries(verbose: int, *, torch: bool = True) -> None:
-    """Keep third-party chatter (torchao's optional kernels, HF warnings, progress bars) off the
-    terminal; -vv shows it all."""
-    if verbose >= 2:
-        from .validate import show_library_progress
-
-        show_library_progress(True)
-        return
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    import logging
-    import warnings
-
-    if torch:
-        import torch as _torch  # noqa: F401 - torch configures its loggers on import; override after
-
-    for name in _LIBRARY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-    if torch:  # the libraries' own progress bars (loading weights, pipeline components)
-        import contextlib
-
-        with contextlib.suppress(ImportError):
-            from diffusers.utils import logging as diffusers_logging
-
-            diffusers_logging.disable_progress_bar()
-        with contextlib.suppress(ImportError):
-            from transformers.utils import logging as transformers_logging
-
-            transformers_logging.disable_progress_bar()
-        _hide_gguf_loading_bar()
-
-
-# Loggers of the libraries qconvert drives. A logger without handlers prints WARNING and above
-# through logging's last-resort handler: bitsandbytes ("Failed to load CPU gemm_4bit_forward
-# from kernels-community", logged when its CPU backend is imported, which diffusers and
-# transformers do for every command; "MatMul8bitLt: inputs will be cast" per 8-bit layer call)
-# and torchao ("Failed to load .../_C_mxfp8...so" for kernels built for other devices, at import).
-_LIBRARY_LOGGERS = ("bitsandbytes", "torchao", "torch", "transformers", "diffusers", "accelerate", "huggingface_hub")
-
-
-def _hide_gguf_loading_bar() -> None:
-    """transformers' GGUF loader (T5 from a .gguf file) draws a plain tqdm bar, "Converting and
-    de-quantizing GGUF tensors", which disable_progress_bar() does not reach: give that module a
-    tqdm that starts disabled."""
-    import functools
-    import importlib.util
-
-    if not importlib.util.find_spec("gguf"):  # the loader is only used with gguf installed
-        return
-    try:
-        import transformers.modeling_gguf_pytorch_utils as gguf_loader
-    except ImportError:
-        return
-    bar = getattr(gguf_loader, "tqdm", None)
-    if bar is not None and not isinstance(bar, functools.partial):
-        gguf_loader.tqdm = functools.partial(bar, disable=True)
 
 
 def hub_token() -> str | None:
@@ -255,7 +196,7 @@ def flux(
         device=device, thresholds_file=thresholds_file, license=license_, push=target, token=hub_token(),
         endpoint=hub_endpoint(), progress=not state.quiet and not as_json,
     )  # fmt: skip
-    _quiet_libraries(state.verbose)
+    quiet_libraries(state.verbose)
     if dry_run:
         state.info(f"resolving source {source}")
         plan = plan_of(job)
@@ -400,7 +341,7 @@ def validate_cmd(
         "min_memory_reduction": min_memory_reduction, "max_step_time": max_step_time, "max_lpips": max_lpips,
         "max_memory": max_memory,  # a size string, parsed and checked with the other thresholds
     }  # fmt: skip
-    _quiet_libraries(state.verbose)
+    quiet_libraries(state.verbose)
     from .validate import raise_if_failed, validate
 
     token = hub_token()
@@ -439,7 +380,7 @@ def card_cmd(
     validation results and how to reproduce come from qconvert.json and validation.json.
     Re-rendering the same output gives identical bytes.
     """
-    _quiet_libraries(state.verbose, torch=False)
+    quiet_libraries(state.verbose)
     from .cards import render_card
 
     path = render_card(
@@ -484,7 +425,7 @@ def push_cmd(
         from .hubnames import check_collection_title
 
         check_collection_title(collection)
-    _quiet_libraries(state.verbose, torch=False)
+    quiet_libraries(state.verbose)
     from .publish import push
 
     token = hub_token()
@@ -550,7 +491,7 @@ def release_cmd(state: State, plan_file: Path, only: str | None, as_matrix: bool
     if as_matrix:
         click.echo(json.dumps(matrix(plan, only)))
         return
-    _quiet_libraries(state.verbose)
+    quiet_libraries(state.verbose)
     token = hub_token()
     workdir = workdir or Path(f"release-{plan_file.stem}")
     modes = {"push": push, "stage": stage, "validate_staged": validate_staged, "promote": promote}

@@ -137,3 +137,25 @@ def test_cards_take_scheme_text_and_usage_from_the_backend(name, cls, converted,
     assert "pipe = " in usage and "pipe(" in usage
     library = card.split("library_name: ", 1)[1].split("\n", 1)[0]
     assert library == cls.hub_library_name
+
+
+def test_model_facts_are_cached_as_built_and_keyed_by_config(source, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from qconvert.convert import base
+
+    monkeypatch.setenv("QCONVERT_CACHE", str(tmp_path))
+    comp = source.components["transformer"]
+    built = base.build_model_facts(comp)
+    assert built.linear_weights and built.shapes
+    assert base.model_facts(comp) == built  # built, then written
+    (entry,) = (tmp_path / "facts").glob("*.json")
+    with monkeypatch.context() as m:
+        m.setattr(base, "build_model_facts", lambda c: pytest.fail("built although cached"))
+        assert base.model_facts(comp) == built
+    entry.write_text('{"linear_weights": [')  # a torn or foreign entry: built again, rewritten
+    assert base.model_facts(comp) == built and base._read_facts(entry) == built
+    other = replace(comp, config={**comp.config, "num_layers": comp.config["num_layers"] + 1})
+    bigger = base.model_facts(other)
+    assert len(list((tmp_path / "facts").glob("*.json"))) == 2
+    assert len(bigger.linear_weights) > len(built.linear_weights)

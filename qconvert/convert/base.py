@@ -45,7 +45,67 @@ class ModelFacts:
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
+# Bump when ModelFacts or how it is built changes: old cache entries are then never read.
+FACTS_FORMAT = 1
+
+
 def model_facts(comp: Component) -> ModelFacts:
+    """The component's facts, from the cache or built (and cached) from its model class.
+
+    Building means importing the library's model classes: ~3 s for diffusers (its
+    ``models.transformers`` package imports every transformer it has), which was half of a
+    small conversion's wall time, for a few KB that depend only on the library's version, the
+    class and the config. The cache key holds all three, so an upgraded library or another
+    config builds afresh. The cache is ``$QCONVERT_CACHE/facts``; it is only an optimization,
+    so an unreadable or unwritable one is ignored.
+    """
+    path = _facts_path(comp)
+    facts = _read_facts(path) if path is not None else None
+    if facts is None:
+        facts = build_model_facts(comp)
+        if path is not None:
+            _write_facts(path, facts)
+    return facts
+
+
+def _facts_path(comp: Component) -> Path | None:
+    import hashlib
+    from importlib.metadata import PackageNotFoundError, version
+
+    from ..tiny import cache_root
+
+    try:
+        library_version = version(comp.library)
+    except PackageNotFoundError:
+        return None
+    key = json.dumps([FACTS_FORMAT, comp.library, library_version, comp.class_name, comp.config],
+                     sort_keys=True, default=str)  # fmt: skip
+    return cache_root() / "facts" / f"{hashlib.sha256(key.encode()).hexdigest()}.json"
+
+
+def _read_facts(path: Path) -> ModelFacts | None:
+    try:
+        data = json.loads(path.read_text())
+        return ModelFacts(set(data["linear_weights"]), tuple(data["keep_in_fp32_modules"]),
+                          {k: tuple(v) for k, v in data["shapes"].items()})  # fmt: skip
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _write_facts(path: Path, facts: ModelFacts) -> None:
+    data = {"linear_weights": sorted(facts.linear_weights), "keep_in_fp32_modules": list(facts.keep_in_fp32_modules),
+            "shapes": {k: list(v) for k, v in facts.shapes.items()}}  # fmt: skip
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(data, sort_keys=True))
+        os.replace(tmp, path)  # atomic: a concurrent reader sees the whole entry or none
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def build_model_facts(comp: Component) -> ModelFacts:
     """Build the component's model on the meta device and list its nn.Linear weights."""
     import torch
 
