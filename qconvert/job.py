@@ -106,14 +106,11 @@ def check(job: Job, *, dry_run: bool = False) -> Job:
     check_output(job.out_dir.absolute(), overwrite=job.overwrite)
     if job.validate:
         from .deps import require_for_validation
-        from .validate import check_device_name, pick_device
+        from .validate import check_device
         from .validate.thresholds import load_thresholds
 
         require_for_validation(job.backend)  # the conversion must not end in a missing torchmetrics
-        if job.device is not None:
-            check_device_name(job.device)
-        if str(job.device).startswith("cuda"):  # only a named GPU can be missing (torch's import is ~1 s)
-            pick_device(job.device)
+        check_device(job.device)
         load_thresholds(job.backend, job.scheme, file=job.thresholds_file, overrides=job.thresholds)
     if job.push is not None:
         job = replace(job, push=_check_push(job))

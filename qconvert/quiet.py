@@ -21,8 +21,6 @@ from types import ModuleType
 # and torchao ("Failed to load .../_C_mxfp8...so" for kernels built for other devices, at import).
 LIBRARY_LOGGERS = ("bitsandbytes", "torchao", "torch", "transformers", "diffusers", "accelerate", "huggingface_hub")
 
-_INSTALLED: list[bool] = []
-
 
 def quiet_libraries(verbose: int) -> None:
     """Library warnings, log records below ERROR and progress bars off; -vv shows them all."""
@@ -36,9 +34,11 @@ def quiet_libraries(verbose: int) -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     warnings.filterwarnings("ignore")
     _logger_levels()
-    if _INSTALLED:
-        return
-    _INSTALLED.append(True)
+    _install_hooks()
+
+
+@functools.cache  # once per process: a hook registered twice would run twice
+def _install_hooks() -> None:
     import wrapt  # here, not at the top: `qconvert --help` imports this module
 
     # torch configures its own loggers when it is imported: set the levels again after it.

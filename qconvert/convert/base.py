@@ -93,10 +93,10 @@ def _read_facts(path: Path) -> ModelFacts | None:
 
 
 def _write_facts(path: Path, facts: ModelFacts) -> None:
-    data = {"linear_weights": sorted(facts.linear_weights), "keep_in_fp32_modules": list(facts.keep_in_fp32_modules),
-            "shapes": {k: list(v) for k, v in facts.shapes.items()}}  # fmt: skip
     import threading
 
+    data = {"linear_weights": sorted(facts.linear_weights), "keep_in_fp32_modules": list(facts.keep_in_fp32_modules),
+            "shapes": {k: list(v) for k, v in facts.shapes.items()}}  # fmt: skip
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")  # one per writer
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -388,22 +388,33 @@ def _forward(transformer: Any, inputs: dict[str, Any]) -> Any:
 
 
 def check_device_name(device: Any) -> None:
-    """auto, cpu, cuda or cuda:N (whether this machine has it is pick_device's business)."""
+    """auto, cpu, cuda or cuda:N (whether this machine has it is check_device's business)."""
     if not (isinstance(device, str) and re.fullmatch(r"auto|cpu|cuda(:\d+)?", device)):
         raise UsageError(f"device {device!r} is not a device", hint="use auto, cpu, cuda or cuda:N")
 
 
+def check_device(device: str | None) -> None:
+    """Refuse a device this machine cannot give. Only a named GPU can be missing, so torch (~1 s
+    to import) is imported only for one."""
+    if device is None:
+        return
+    check_device_name(device)
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            from ..errors import DeviceError
+
+            raise DeviceError(f"{opt('device', 'cuda')} was asked for, but no CUDA GPU is available", hint=f"use {opt('device', 'cpu')}")
+
+
 def pick_device(device: str | None) -> str:
-    import torch
-
-    if device is not None:
-        check_device_name(device)
+    """The device to validate on: ``auto`` (or None) is CUDA where there is one."""
+    check_device(device)
     if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        from ..errors import DeviceError
+        import torch
 
-        raise DeviceError(f"{opt('device', 'cuda')} was asked for, but no CUDA GPU is available", hint=f"use {opt('device', 'cpu')}")
+        return "cuda" if torch.cuda.is_available() else "cpu"
     return device
 
 
